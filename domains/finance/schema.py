@@ -1,0 +1,129 @@
+"""The finance domain's table: columns, cross-field rules, and derived columns.
+
+Every rule has a stable name (stored in DuckDB as the rejection reason) and a
+message a loan officer can read. RULES.md reports each rule's pass rate on the
+real data (regenerate with `python -m domains.finance.data --report`).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import polars as pl
+
+from factory.rules import Rule
+from schemas.checks import amortized_installment, within
+from schemas.columns import Categorical, Numeric, TableSpec
+
+HERE = Path(__file__).parent
+
+STATES = (
+    "AK", "AL", "AR", "AZ", "CA", "CO", "CT", "DC", "DE", "FL", "GA", "HI", "ID", "IL", "IN", "KS", "KY",
+    "LA", "MA", "MD", "ME", "MI", "MN", "MO", "MS", "MT", "NC", "ND", "NE", "NH", "NJ", "NM", "NV", "NY",
+    "OH", "OK", "OR", "PA", "RI", "SC", "SD", "TN", "TX", "UT", "VA", "VT", "WA", "WI", "WV", "WY",
+)
+VERIFICATION = ("Not Verified", "Source Verified", "Verified")
+PURPOSES = (
+    "car", "credit_card", "debt_consolidation", "home_improvement", "house", "major_purchase",
+    "medical", "moving", "other", "renewable_energy", "small_business", "vacation",
+)
+LOAN_STATUS = ("Charged Off", "Current", "Fully Paid", "In Grace Period", "Late (16-30 days)", "Late (31-120 days)")
+SETTLED = ("Charged Off", "Fully Paid")
+
+# The lender's rate card for Jan-Mar 2018: the interest-rate band of each sub_grade,
+# as observed in the cleaned real table (see DATA.md). Sub-grades with no observed
+# loans (G2, G3, G5) are not allowed: no band is known for them.
+RATE_BANDS: dict[str, tuple[float, float]] = {
+    k: tuple(v) for k, v in json.loads((HERE / "data" / "rate_bands.json").read_text()).items()
+}
+SUB_GRADES = tuple(sorted(RATE_BANDS))
+GRADES = tuple(sorted({s[0] for s in SUB_GRADES}))
+
+CENT = 0.01 + 1e-6  # "within a cent", with float slack
+
+SPEC = TableSpec((
+    Categorical("application_type", ("individual", "joint"), description="individual or joint application"),
+    Categorical("emp_length", tuple(range(11)), nullable=True, description="years employed, 10 = 10+; null = unknown"),
+    Categorical("state", STATES, description="borrower's US state"),
+    Categorical("homeownership", ("MORTGAGE", "OWN", "RENT")),
+    Numeric("annual_income", 0, 9_999_999, description="applicant's annual income, USD"),
+    Categorical("verified_income", VERIFICATION),
+    Numeric("debt_to_income", 0, 999.99, decimals=2, nullable=True, description="DTI %, null when income is 0"),
+    Numeric("annual_income_joint", 0, 9_999_999, nullable=True, description="joint income, joint applications only"),
+    Categorical("verification_income_joint", VERIFICATION, nullable=True),
+    Numeric("debt_to_income_joint", 0, 999.99, decimals=2, nullable=True),
+    Numeric("delinq_2y", 0, 99, description="delinquencies in the last 2 years"),
+    Numeric("inquiries_last_12m", 0, 99),
+    Numeric("total_credit_lines", 0, 199),
+    Numeric("open_credit_lines", 0, 199),
+    Numeric("total_credit_limit", 0, 9_999_999),
+    Numeric("total_credit_utilized", 0, 9_999_999),
+    Categorical("loan_purpose", PURPOSES),
+    Numeric("loan_amount", 1_000, 40_000, description="LendingClub lends 1,000-40,000 USD"),
+    Categorical("term", (36, 60), description="months"),
+    Categorical("sub_grade", SUB_GRADES),
+    Categorical("grade", GRADES, derived=True),
+    Numeric("interest_rate", 1, 40, decimals=2, description="annual %, set by sub_grade"),
+    Numeric("installment", 0, 9_999.99, decimals=2, derived=True, description="monthly payment"),
+    Categorical("loan_status", LOAN_STATUS),
+    Numeric("paid_principal", 0, 40_000, decimals=2),
+    Numeric("paid_interest", 0, 99_999.99, decimals=2),
+    Numeric("paid_late_fees", 0, 9_999.99, decimals=2),
+    Numeric("paid_total", 0, 199_999.99, decimals=2, derived=True),
+    Numeric("balance", 0, 40_000, decimals=2, derived=True, description="outstanding principal"),
+))
+
+joint = pl.col("application_type") == "joint"
+_amort = amortized_installment(pl.col("loan_amount"), pl.col("interest_rate"), pl.col("term"))
+_band_lo = pl.col("sub_grade").replace_strict({k: v[0] for k, v in RATE_BANDS.items()}, default=None, return_dtype=pl.Float64)
+_band_hi = pl.col("sub_grade").replace_strict({k: v[1] for k, v in RATE_BANDS.items()}, default=None, return_dtype=pl.Float64)
+_paid_sum = pl.col("paid_principal") + pl.col("paid_interest") + pl.col("paid_late_fees")
+_outstanding = pl.col("loan_amount") - pl.col("paid_principal")
+
+RULES = [
+    Rule("grade_matches_sub_grade", "grade must be the first letter of sub_grade",
+         pl.col("grade") == pl.col("sub_grade").str.slice(0, 1)),
+    Rule("installment_matches_amortization",
+         "installment must equal the amortized payment of loan_amount at interest_rate over term, within a cent",
+         within(pl.col("installment"), _amort, CENT)),
+    Rule("interest_rate_in_sub_grade_band", "interest_rate must lie in the rate band of its sub_grade",
+         pl.col("interest_rate").is_between(_band_lo, _band_hi)),
+    Rule("joint_income_iff_joint", "annual_income_joint is present exactly when application_type is joint",
+         pl.col("annual_income_joint").is_not_null() == joint),
+    Rule("joint_dti_iff_joint", "debt_to_income_joint is present exactly when application_type is joint",
+         pl.col("debt_to_income_joint").is_not_null() == joint),
+    Rule("joint_verification_only_if_joint", "verification_income_joint must be null for individual applications",
+         joint | pl.col("verification_income_joint").is_null()),
+    Rule("joint_income_covers_applicant", "annual_income_joint must be at least the applicant's annual_income",
+         ~joint | (pl.col("annual_income_joint") >= pl.col("annual_income"))),
+    Rule("individual_has_dti", "individual applications must state debt_to_income",
+         joint | pl.col("debt_to_income").is_not_null()),
+    Rule("open_lines_within_total", "open_credit_lines must not exceed total_credit_lines",
+         pl.col("open_credit_lines") <= pl.col("total_credit_lines")),
+    Rule("paid_principal_within_amount", "paid_principal must not exceed loan_amount",
+         pl.col("paid_principal") <= pl.col("loan_amount")),
+    Rule("paid_total_is_sum", "paid_total must equal paid_principal + paid_interest + paid_late_fees, within a cent",
+         within(pl.col("paid_total"), _paid_sum, CENT)),
+    Rule("balance_within_amount", "balance must not exceed loan_amount",
+         pl.col("balance") <= pl.col("loan_amount")),
+    Rule("balance_is_outstanding_principal",
+         "balance must equal loan_amount - paid_principal (0 for a charged-off loan), within a cent",
+         pl.when(pl.col("loan_status") == "Charged Off").then(pl.col("balance") == 0)
+         .otherwise(within(pl.col("balance"), _outstanding, CENT))),
+    Rule("settled_loans_have_zero_balance", "a Fully Paid or Charged Off loan must have balance 0",
+         ~pl.col("loan_status").is_in(SETTLED) | (pl.col("balance") == 0)),
+]
+
+
+def derive(df: pl.DataFrame) -> pl.DataFrame:
+    """Fill the columns that a rule fully determines (SDV-style constraint transform).
+
+    A language model cannot do this arithmetic reliably (see findings), so these
+    columns are computed, not generated; the rules above still check every record.
+    """
+    return df.with_columns(
+        grade=pl.col("sub_grade").str.slice(0, 1),
+        installment=_amort.round(2),
+        paid_total=_paid_sum.round(2),
+        balance=pl.when(pl.col("loan_status") == "Charged Off").then(0.0).otherwise(_outstanding.cast(pl.Float64).round(2)),
+    ).select(SPEC.names)
