@@ -1,0 +1,124 @@
+"""Decoder: a causal LM that writes a record given k soft-prompt vectors.
+
+Two kinds of decoder share one interface (`embed`, `forward_prompted`, `generate`):
+- the compact *domain decoder* (CPU default): a small Llama-architecture model
+  (transformers) over the schema tokenizer, pretrained on the domain's training
+  records with a learned k-vector "null prompt" in the soft-prompt slot, then frozen;
+- any local Hugging Face causal-LM directory (e.g. SmolLM2-135M from a GGUF file),
+  used over its own text tokenizer with the serialized `key: value` text.
+Its weights stay frozen while the VAE trains; only the soft prompt steers it.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from .tokenizer import BOS, SchemaTokenizer
+
+
+@dataclass
+class DecoderConfig:
+    hidden_size: int = 192
+    num_layers: int = 4
+    num_heads: int = 4
+    intermediate_size: int = 512
+    prompt_len: int = 4  # k soft-prompt vectors
+    vocab_size: int = 0  # set from the tokenizer
+    seq_len: int = 0  # record tokens, set from the tokenizer
+
+
+class DomainDecoder(nn.Module):
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.lm = LlamaForCausalLM(LlamaConfig(
+            vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+            num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_heads,
+            max_position_embeddings=cfg.seq_len + cfg.prompt_len + 8, tie_word_embeddings=True,
+            bos_token_id=BOS, eos_token_id=None, pad_token_id=0,
+        ))
+        # The unconditional prompt the LM is pretrained with; the injector starts from it.
+        self.null_prompt = nn.Parameter(torch.randn(cfg.prompt_len, cfg.hidden_size) * 0.02)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.cfg.hidden_size
+
+    def freeze(self):
+        for p in self.parameters():
+            p.requires_grad_(False)
+        self.eval()
+        return self
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.lm.get_input_embeddings()(ids)
+
+    def forward_prompted(self, prompt: torch.Tensor | None, ids: torch.Tensor) -> torch.Tensor:
+        """Teacher forcing. prompt [B,k,H] (None = null prompt), ids [B,L] -> per-row NLL summed over tokens [B]."""
+        B = ids.shape[0]
+        if prompt is None:
+            prompt = self.null_prompt.expand(B, -1, -1)
+        bos = torch.full((B, 1), BOS, dtype=torch.long)
+        x = torch.cat([prompt, self.embed(torch.cat([bos, ids[:, :-1]], 1))], 1)
+        logits = self.lm(inputs_embeds=x, use_cache=False).logits[:, prompt.shape[1]:]
+        nll = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids.reshape(-1), reduction="none")
+        return nll.view(B, -1).sum(1)
+
+    @torch.no_grad()
+    def generate(self, prompt: torch.Tensor | None, tokenizer: SchemaTokenizer, generator: torch.Generator,
+                 temperature: float = 1.0, constrained: bool = True, batch: int | None = None) -> torch.Tensor:
+        """Sample one record per prompt row, with a KV cache; returns ids [B, L].
+
+        With `constrained`, each step's logits are masked to what the schema allows
+        (tokenizer.allowed), so every output parses by construction.
+        """
+        B = prompt.shape[0] if prompt is not None else batch
+        if prompt is None:
+            prompt = self.null_prompt.expand(B, -1, -1)
+        bos = self.embed(torch.full((B, 1), BOS, dtype=torch.long))
+        out = self.lm(inputs_embeds=torch.cat([prompt, bos], 1), use_cache=True)
+        cache, logits = out.past_key_values, out.logits[:, -1]
+        state = tokenizer.init_state(B)
+        tokens = []
+        for t in range(tokenizer.length):
+            logits = logits.float() / temperature
+            if constrained:
+                logits = logits.masked_fill(~tokenizer.allowed(t, state), float("-inf"))
+            # Gumbel-max: one pass, no normalization, same distribution as multinomial.
+            u = torch.rand(logits.shape, generator=generator).clamp_(1e-10, 1.0)
+            nxt = (logits - torch.log(-torch.log(u))).argmax(-1)
+            state = tokenizer.advance(t, state, nxt)
+            tokens.append(nxt)
+            if t + 1 < tokenizer.length:
+                out = self.lm(input_ids=nxt[:, None], past_key_values=cache, use_cache=True)
+                cache, logits = out.past_key_values, out.logits[:, -1]
+        return torch.stack(tokens, 1)
+
+    def save_pretrained(self, path: str | Path):
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "decoder_config.json").write_text(json.dumps(asdict(self.cfg), indent=1))
+        state = {k: v.contiguous() for k, v in self.state_dict().items() if k != "lm.lm_head.weight"}
+        save_file(state, str(path / "decoder.safetensors"))
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> "DomainDecoder":
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        cfg = DecoderConfig(**json.loads((path / "decoder_config.json").read_text()))
+        model = cls(cfg)
+        missing, unexpected = model.load_state_dict(load_file(str(path / "decoder.safetensors")), strict=False)
+        missing = [m for m in missing if m != "lm.lm_head.weight"]
+        if missing or unexpected:
+            raise ValueError(f"{path}/decoder.safetensors does not match its config: missing {missing[:3]}, "
+                             f"unexpected {unexpected[:3]}")
+        model.lm.tie_weights()
+        return model

@@ -1,0 +1,95 @@
+"""Generation pipeline: diffusion sampler -> z -> injector -> frozen decoder -> text.
+
+Plugs into the factory loop as `--model difflm` (a `Generator`: `generate(n, seed)`
+returns serialized texts of the domain's generated columns). The encoder is a
+training-time component and is not loaded here.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+
+from .decoder import DomainDecoder
+from .diffusion import Denoiser, EDMSampler
+from .injector import SoftPromptInjector
+from .tokenizer import SchemaTokenizer
+
+REQUIRED = ["tokenizer.json", "pipeline.json", "decoder/decoder.safetensors", "injector/injector.safetensors",
+            "denoiser/denoiser.safetensors", "denoiser/latent_stats.safetensors"]
+
+
+class ModelError(ValueError):
+    pass
+
+
+def model_checksum(path: Path) -> str:
+    h = hashlib.sha256()
+    for rel in sorted(p.relative_to(path).as_posix() for p in path.rglob("*")
+                      if p.is_file() and "checkpoints" not in p.parts and p.suffix in (".json", ".safetensors")
+                      and p.name != "train_log.jsonl"):
+        h.update(rel.encode())
+        h.update((path / rel).read_bytes())
+    return h.hexdigest()[:16]
+
+
+class DiffLMGenerator:
+    model_id = "difflm"
+
+    def __init__(self, domain, tokenizer, decoder, injector, denoiser, sampler, stats, path: Path,
+                 batch_size: int = 1000, latent: str = "diffusion", constrained: bool = True,
+                 temperature: float = 1.0, threads: int | None = None):
+        if latent not in ("diffusion", "prior"):
+            raise ModelError(f"latent must be 'diffusion' or 'prior', got {latent!r}")
+        self.domain, self.tok, self.dec, self.inj = domain, tokenizer, decoder, injector
+        self.den, self.sampler, self.stats, self.path = denoiser, sampler, stats, Path(path)
+        self.batch_size, self.latent, self.constrained, self.temperature = batch_size, latent, constrained, temperature
+        self.model_version = model_checksum(self.path)
+        if threads:
+            torch.set_num_threads(threads)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, domain, **opts) -> "DiffLMGenerator":
+        path = Path(path)
+        missing = [r for r in REQUIRED if not (path / r).exists()]
+        if missing:
+            raise ModelError(f"no complete DiffLM stack at {path}: missing {', '.join(missing)}")
+        info = json.loads((path / "pipeline.json").read_text())
+        if info.get("domain") != domain.name:
+            raise ModelError(f"{path} holds a stack trained for domain {info.get('domain')!r}, not {domain.name!r}")
+        if info.get("columns") != domain.spec.generated_names:
+            raise ModelError(f"{path} was trained on other columns than domain {domain.name!r} generates; retrain it")
+        from safetensors.torch import load_file
+
+        try:
+            tok = SchemaTokenizer.from_pretrained(path, domain.spec)
+            dec = DomainDecoder.from_pretrained(path / "decoder").freeze()
+            inj = SoftPromptInjector.from_pretrained(path / "injector").eval()
+            den = Denoiser.from_pretrained(path / "denoiser").eval()
+            sampler = EDMSampler.from_pretrained(path / "denoiser")
+            stats = load_file(str(path / "denoiser" / "latent_stats.safetensors"))
+        except (OSError, RuntimeError, json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ModelError(f"corrupt or mismatched DiffLM stack at {path}: {type(e).__name__}: {str(e)[:200]}") from None
+        return cls(domain, tok, dec, inj, den, sampler, stats, path, **opts)
+
+    @torch.no_grad()
+    def sample_latents(self, n: int, g: torch.Generator) -> torch.Tensor:
+        if self.latent == "prior":  # DiffLM's ablation: z ~ N(0, I) in the VAE's latent space
+            return torch.randn(n, self.den.cfg.latent_dim, generator=g)
+        x = self.sampler.sample(self.den, n, g)
+        return x * self.stats["std"] + self.stats["mean"]
+
+    @torch.no_grad()
+    def generate_ids(self, n: int, seed: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(seed)
+        out = []
+        for start in range(0, n, self.batch_size):
+            b = min(self.batch_size, n - start)
+            z = self.sample_latents(b, g)
+            out.append(self.dec.generate(self.inj(z), self.tok, g, self.temperature, self.constrained))
+        return torch.cat(out) if out else torch.zeros(0, self.tok.length, dtype=torch.long)
+
+    def generate(self, n: int, seed: int) -> list[str]:
+        return self.tok.to_texts(self.generate_ids(n, seed))

@@ -1,0 +1,326 @@
+"""Training the DiffLM stack for one domain, in three stages (each resumable):
+
+1. lm:        pretrain the compact domain decoder on the training records (with its
+              learned null prompt), early-stopped on validation; then freeze it.
+2. vae:       beta-VAE: LoRA encoder -> z -> injector -> frozen decoder, loss =
+              reconstruction NLL + beta * KL. Beta starts high and is multiplied by
+              `beta_factor` whenever validation reconstruction stalls, down to
+              `beta_min`; early stopping on validation; best checkpoint kept.
+3. diffusion: encode the training split to latents (mu), normalize, train the EDM denoiser.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .decoder import DecoderConfig, DomainDecoder
+from .diffusion import Denoiser, DenoiserConfig, EDMSampler, SamplerConfig
+from .encoder import EncoderConfig, RecordEncoder, values_text
+from .injector import InjectorConfig, SoftPromptInjector
+from .tokenizer import SchemaTokenizer
+
+STAGES = ("lm", "vae", "diffusion")
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    threads: int = 2
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    injector_hidden: int = 256
+    denoiser: DenoiserConfig = field(default_factory=DenoiserConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    max_train_rows: int = 0  # 0 = all; tests use a few hundred
+    # stage 1: decoder LM
+    lm_epochs: int = 12
+    lm_batch: int = 64
+    lm_lr: float = 2e-3
+    lm_patience: int = 2
+    # stage 2: VAE
+    vae_epochs: int = 8
+    vae_batch: int = 64
+    vae_lr: float = 1e-3
+    beta_start: float = 0.1
+    beta_factor: float = 0.7
+    beta_min: float = 1e-3
+    beta_patience: int = 1  # epochs without val-recon improvement before beta drops
+    vae_patience: int = 3  # early stopping
+    # stage 3: diffusion
+    diffusion_steps: int = 4000
+    diffusion_batch: int = 256
+    diffusion_lr: float = 1e-3
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown training config keys: {sorted(unknown)}")
+        sub = {"decoder": DecoderConfig, "encoder": EncoderConfig, "denoiser": DenoiserConfig, "sampler": SamplerConfig}
+        kw = {}
+        for k, v in d.items():
+            if k in sub:
+                bad = set(v) - set(sub[k].__dataclass_fields__)
+                if bad:
+                    raise ValueError(f"unknown keys in training config section {k!r}: {sorted(bad)}")
+                kw[k] = sub[k](**v)
+            else:
+                kw[k] = v
+        return cls(**kw)
+
+
+def _batches(n: int, size: int, g: torch.Generator | None):
+    order = torch.randperm(n, generator=g) if g is not None else torch.arange(n)
+    for i in range(0, n, size):
+        yield order[i:i + size]
+
+
+class Trainer:
+    def __init__(self, domain, cfg: TrainConfig, out: Path, log: Callable[[dict], None] | None = None,
+                 progress: Callable[[str, int, int], None] | None = None):
+        self.domain, self.cfg, self.out = domain, cfg, Path(out)
+        self.ckpt = self.out / "checkpoints"
+        self.ckpt.mkdir(parents=True, exist_ok=True)
+        self.log_fn, self.progress = log, progress or (lambda *a: None)
+        torch.set_num_threads(cfg.threads)
+        self.columns = domain.spec.generated_names
+        self.tok = SchemaTokenizer(domain.spec, self.columns)
+        train, val = domain.load_split("train"), domain.load_split("val")
+        if cfg.max_train_rows:
+            train, val = train.head(cfg.max_train_rows), val.head(max(32, cfg.max_train_rows // 8))
+        self.frames = {"train": train, "val": val}
+        self.ids = {k: self.tok.encode(v) for k, v in self.frames.items()}
+        cfg.decoder.vocab_size, cfg.decoder.seq_len = self.tok.vocab_size, self.tok.length
+        cfg.encoder.latent_dim = cfg.denoiser.latent_dim
+        self.t0 = time.time()
+
+    def log(self, rec: dict):
+        rec = {"time_s": round(time.time() - self.t0, 1)} | rec
+        with open(self.out / "train_log.jsonl", "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        if self.log_fn:
+            self.log_fn(rec)
+
+    def _save_ckpt(self, stage: str, state: dict):
+        tmp = self.ckpt / f"{stage}.pt.tmp"
+        torch.save(state, tmp)
+        tmp.replace(self.ckpt / f"{stage}.pt")
+
+    def _load_ckpt(self, stage: str, resume: bool) -> dict | None:
+        p = self.ckpt / f"{stage}.pt"
+        return torch.load(p, weights_only=False) if resume and p.exists() else None
+
+    # ---- stage 1 --------------------------------------------------------------------
+    def train_lm(self, resume: bool) -> DomainDecoder:
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed)
+        dec = DomainDecoder(cfg.decoder)
+        opt = torch.optim.AdamW(dec.parameters(), lr=cfg.lm_lr, weight_decay=0.01)
+        steps_per_epoch = math.ceil(len(self.ids["train"]) / cfg.lm_batch)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lm_lr, total_steps=cfg.lm_epochs * steps_per_epoch,
+                                                    pct_start=0.1)
+        g = torch.Generator().manual_seed(cfg.seed)
+        start, best, best_state, bad = 0, float("inf"), None, 0
+        if (ck := self._load_ckpt("lm", resume)) is not None:
+            dec.load_state_dict(ck["model"]), opt.load_state_dict(ck["opt"]), sched.load_state_dict(ck["sched"])
+            g.set_state(ck["rng"])
+            start, best, best_state, bad = ck["epoch"] + 1, ck["best"], ck["best_state"], ck["bad"]
+        tokens = self.tok.length
+        for epoch in range(start, cfg.lm_epochs):
+            dec.train()
+            tot, n = 0.0, 0
+            for i, idx in enumerate(_batches(len(self.ids["train"]), cfg.lm_batch, g)):
+                nll = dec.forward_prompted(None, self.ids["train"][idx]).mean() / tokens
+                opt.zero_grad()
+                nll.backward()
+                torch.nn.utils.clip_grad_norm_(dec.parameters(), 1.0)
+                opt.step(), sched.step()
+                tot, n = tot + nll.item() * len(idx), n + len(idx)
+                self.progress(f"lm epoch {epoch + 1}/{cfg.lm_epochs}", i + 1, steps_per_epoch)
+            val = self._lm_val(dec)
+            self.log({"stage": "lm", "epoch": epoch + 1, "train_nll_per_token": tot / n, "val_nll_per_token": val})
+            if val < best - 1e-4:
+                best, bad, best_state = val, 0, {k: v.clone() for k, v in dec.state_dict().items()}
+            else:
+                bad += 1
+            self._save_ckpt("lm", {"model": dec.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                                   "rng": g.get_state(), "epoch": epoch, "best": best, "best_state": best_state,
+                                   "bad": bad})
+            if bad >= cfg.lm_patience:
+                break
+        dec.load_state_dict(best_state)
+        dec.save_pretrained(self.out / "decoder")
+        return dec.freeze()
+
+    @torch.no_grad()
+    def _lm_val(self, dec) -> float:
+        dec.eval()
+        ids = self.ids["val"]
+        tot = sum(dec.forward_prompted(None, ids[idx]).sum().item() for idx in _batches(len(ids), 256, None))
+        return tot / (len(ids) * self.tok.length)
+
+    # ---- stage 2 --------------------------------------------------------------------
+    def _texts(self, split: str) -> list[str]:
+        spec = self.domain.spec
+        return [values_text(r, spec, self.columns) for r in self.frames[split].select(self.columns).iter_rows(named=True)]
+
+    def _cache_bottom(self, enc: RecordEncoder) -> dict:
+        """Frozen encoder layers run once per record (the expensive part, done once, not per epoch)."""
+        path = self.ckpt / "encoder_cache.pt"
+        if path.exists():
+            return torch.load(path)
+        cache = {}
+        for split in ("train", "val"):
+            texts = self._texts(split)
+            hs, ms = [], []
+            for i in range(0, len(texts), 128):
+                h, m = enc.encode_frozen(texts[i:i + 128])
+                hs.append(h.half()), ms.append(m)
+                self.progress(f"caching frozen encoder layers ({split})", min(i + 128, len(texts)), len(texts))
+            cache[split] = (torch.cat(hs), torch.cat(ms))
+        torch.save(cache, path)
+        return cache
+
+    def _vae_loss(self, enc, inj, dec, hidden, mask, ids, beta, g=None, sample=True):
+        mu, logvar = enc.forward_top(hidden.float(), mask)
+        z = enc.sample(mu, logvar, g) if sample else mu
+        rec = dec.forward_prompted(inj(z), ids)  # [B] nats per record
+        kl = 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar).sum(1)
+        return rec.mean(), kl.mean(), (rec + beta * kl).mean()
+
+    def train_vae(self, dec: DomainDecoder, resume: bool):
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed + 1)
+        enc = RecordEncoder(cfg.encoder)
+        inj = SoftPromptInjector(InjectorConfig(cfg.denoiser.latent_dim, cfg.injector_hidden,
+                                                cfg.decoder.prompt_len, cfg.decoder.hidden_size),
+                                 null_prompt=dec.null_prompt.detach())
+        cache = self._cache_bottom(enc)
+        params = [p for p in enc.parameters() if p.requires_grad] + list(inj.parameters())
+        opt = torch.optim.AdamW(params, lr=cfg.vae_lr)
+        g = torch.Generator().manual_seed(cfg.seed + 2)
+        start, beta, best_rec, best_state, since_best, since_beta = 0, cfg.beta_start, float("inf"), None, 0, 0
+        if (ck := self._load_ckpt("vae", resume)) is not None:
+            enc.load_state_dict(ck["enc"]), inj.load_state_dict(ck["inj"]), opt.load_state_dict(ck["opt"])
+            g.set_state(ck["rng"])
+            start, beta, best_rec, best_state = ck["epoch"] + 1, ck["beta"], ck["best_rec"], ck["best_state"]
+            since_best, since_beta = ck["since_best"], ck["since_beta"]
+        (h_tr, m_tr), (h_va, m_va) = cache["train"], cache["val"]
+        ids_tr, ids_va = self.ids["train"], self.ids["val"]
+        steps = math.ceil(len(ids_tr) / cfg.vae_batch)
+        for epoch in range(start, cfg.vae_epochs):
+            enc.train(), inj.train()
+            sums = torch.zeros(2)
+            for i, idx in enumerate(_batches(len(ids_tr), cfg.vae_batch, g)):
+                rec, kl, loss = self._vae_loss(enc, inj, dec, h_tr[idx], m_tr[idx], ids_tr[idx], beta, g)
+                opt.zero_grad()
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                opt.step()
+                sums += torch.tensor([rec.item(), kl.item()]) * len(idx)
+                self.progress(f"vae epoch {epoch + 1}/{cfg.vae_epochs} beta={beta:.4f}", i + 1, steps)
+            enc.eval(), inj.eval()
+            with torch.no_grad():
+                vr = vk = 0.0
+                for idx in _batches(len(ids_va), 256, None):
+                    rec, kl, _ = self._vae_loss(enc, inj, dec, h_va[idx], m_va[idx], ids_va[idx], beta, sample=False)
+                    vr, vk = vr + rec.item() * len(idx), vk + kl.item() * len(idx)
+                vr, vk = vr / len(ids_va), vk / len(ids_va)
+            tr = (sums / len(ids_tr)).tolist()
+            self.log({"stage": "vae", "epoch": epoch + 1, "beta": beta, "train_recon": tr[0], "train_kl": tr[1],
+                      "val_recon": vr, "val_kl": vk, "val_recon_per_token": vr / self.tok.length})
+            if vr < best_rec - 1e-3:
+                best_rec, since_best, since_beta = vr, 0, 0
+                best_state = {"enc": {k: v.clone() for k, v in enc.trainable_state().items()},
+                              "inj": {k: v.clone() for k, v in inj.state_dict().items()}}
+            else:
+                since_best, since_beta = since_best + 1, since_beta + 1
+                if since_beta >= cfg.beta_patience and beta > cfg.beta_min:
+                    beta, since_beta = max(cfg.beta_min, beta * cfg.beta_factor), 0
+            self._save_ckpt("vae", {"enc": enc.state_dict(), "inj": inj.state_dict(), "opt": opt.state_dict(),
+                                    "rng": g.get_state(), "epoch": epoch, "beta": beta, "best_rec": best_rec,
+                                    "best_state": best_state, "since_best": since_best, "since_beta": since_beta})
+            if since_best >= cfg.vae_patience:
+                break
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(enc.model, {k[5:]: v for k, v in best_state["enc"].items() if k.startswith("lora.")})
+        enc.head.load_state_dict({k[5:]: v for k, v in best_state["enc"].items() if k.startswith("head.")})
+        inj.load_state_dict(best_state["inj"])
+        enc.save_pretrained(self.out / "encoder")
+        inj.save_pretrained(self.out / "injector")
+        return enc.eval(), inj.eval(), cache
+
+    # ---- stage 3 --------------------------------------------------------------------
+    def train_diffusion(self, enc: RecordEncoder, cache: dict, resume: bool):
+        cfg = self.cfg
+        with torch.no_grad():
+            h, m = cache["train"]
+            mus = torch.cat([enc.forward_top(h[i:i + 256].float(), m[i:i + 256])[0] for i in range(0, len(h), 256)])
+        mean, std = mus.mean(0), mus.std(0).clamp(min=1e-6)
+        x = (mus - mean) / std
+        torch.manual_seed(cfg.seed + 3)
+        den = Denoiser(cfg.denoiser)
+        opt = torch.optim.AdamW(den.parameters(), lr=cfg.diffusion_lr)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.diffusion_steps)
+        g = torch.Generator().manual_seed(cfg.seed + 4)
+        start = 0
+        if (ck := self._load_ckpt("diffusion", resume)) is not None:
+            den.load_state_dict(ck["model"]), opt.load_state_dict(ck["opt"]), sched.load_state_dict(ck["sched"])
+            g.set_state(ck["rng"])
+            start = ck["step"]
+        run = 0.0
+        for step in range(start, cfg.diffusion_steps):
+            idx = torch.randint(len(x), (cfg.diffusion_batch,), generator=g)
+            loss = den.loss(x[idx], g)
+            opt.zero_grad()
+            loss.backward()
+            opt.step(), sched.step()
+            run = 0.98 * run + 0.02 * loss.item() if step > start else loss.item()
+            self.progress("diffusion", step + 1, cfg.diffusion_steps)
+            if (step + 1) % 500 == 0 or step + 1 == cfg.diffusion_steps:
+                self.log({"stage": "diffusion", "step": step + 1, "loss": run})
+                self._save_ckpt("diffusion", {"model": den.state_dict(), "opt": opt.state_dict(),
+                                              "sched": sched.state_dict(), "rng": g.get_state(), "step": step + 1})
+        den.save_pretrained(self.out / "denoiser")
+        EDMSampler(cfg.sampler).save_pretrained(self.out / "denoiser")
+        from safetensors.torch import save_file
+
+        save_file({"mean": mean, "std": std}, str(self.out / "denoiser" / "latent_stats.safetensors"))
+        return den
+
+    # ---- all ------------------------------------------------------------------------
+    def run(self, resume: bool = False) -> dict:
+        (self.out / "train_config.json").write_text(json.dumps(asdict(self.cfg), indent=1))
+        self.tok.save_pretrained(self.out)
+        times = {}
+        t = time.time()
+        if resume and (self.out / "decoder" / "decoder.safetensors").exists():
+            dec = DomainDecoder.from_pretrained(self.out / "decoder").freeze()
+        else:
+            dec = self.train_lm(resume)
+        times["lm_s"] = time.time() - t
+        t = time.time()
+        if resume and (self.out / "injector" / "injector.safetensors").exists():
+            enc, inj = RecordEncoder.from_pretrained(self.out / "encoder").eval(), SoftPromptInjector.from_pretrained(self.out / "injector")
+            cache = self._cache_bottom(enc)
+        else:
+            enc, inj, cache = self.train_vae(dec, resume)
+        times["vae_s"] = time.time() - t
+        t = time.time()
+        self.train_diffusion(enc, cache, resume)
+        times["diffusion_s"] = time.time() - t
+        summary = {"domain": self.domain.name, "rule_set_hash": self.domain.rule_set_hash, "columns": self.columns,
+                   "train_rows": len(self.ids["train"]), "val_rows": len(self.ids["val"]),
+                   "times_s": {k: round(v, 1) for k, v in times.items()},
+                   "total_s": round(time.time() - self.t0, 1)}
+        (self.out / "pipeline.json").write_text(json.dumps(summary, indent=1))
+        self.log({"stage": "done"} | summary)
+        return summary

@@ -1,0 +1,87 @@
+"""`factory train`: train a domain's DiffLM stack (registered into the main CLI by factory.cli)."""
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+
+import typer
+
+TRAIN_DDL = """
+CREATE TABLE IF NOT EXISTS train_runs (
+    train_id VARCHAR PRIMARY KEY, domain VARCHAR, out_dir VARCHAR, config JSON,
+    started_at TIMESTAMP, finished_at TIMESTAMP, status VARCHAR, summary JSON);
+CREATE TABLE IF NOT EXISTS train_log (
+    train_id VARCHAR, logged_at TIMESTAMP, stage VARCHAR, epoch INTEGER, step INTEGER, metrics JSON);
+"""
+
+
+def _now():
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+def train(domain: str, config: Path | None, out: Path | None, resume: bool, db: Path | None, quiet: bool = False):
+    import duckdb
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from factory.difflm.train import TrainConfig, Trainer
+    from factory.domain import load_domain
+
+    dom = load_domain(domain)
+    try:
+        cfg_dict = json.loads(config.read_text()) if config else dom.config.get("train", {})
+        cfg = TrainConfig.from_dict(cfg_dict)
+    except (OSError, json.JSONDecodeError, TypeError, ValueError) as e:
+        raise ValueError(f"bad training config {config}: {e}") from None
+    out = out or dom.model_dir
+    con = None
+    train_id = f"train-{uuid.uuid4().hex[:12]}"
+    if db is not None:
+        con = duckdb.connect(str(db))
+        con.execute(TRAIN_DDL)
+        con.execute("INSERT INTO train_runs VALUES (?, ?, ?, ?, ?, NULL, 'running', NULL)",
+                    [train_id, domain, str(out), json.dumps(cfg_dict), _now()])
+
+    def log(rec: dict):
+        if con is not None:
+            con.execute("INSERT INTO train_log VALUES (?, ?, ?, ?, ?, ?)",
+                        [train_id, _now(), rec.get("stage"), rec.get("epoch"), rec.get("step"), json.dumps(rec)])
+        if not quiet and rec.get("stage") != "done":
+            progress.console.print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in rec.items()})
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  disable=quiet) as progress:
+        task = progress.add_task("starting", total=None)
+
+        def on_progress(desc: str, done: int, total: int):
+            progress.update(task, description=desc, completed=done, total=total)
+
+        t = time.time()
+        try:
+            summary = Trainer(dom, cfg, out, log=log, progress=on_progress).run(resume=resume)
+        except BaseException:
+            if con is not None:
+                con.execute("UPDATE train_runs SET status='failed', finished_at=? WHERE train_id=?", [_now(), train_id])
+            raise
+    if con is not None:
+        con.execute("UPDATE train_runs SET status='succeeded', finished_at=?, summary=? WHERE train_id=?",
+                    [_now(), json.dumps(summary), train_id])
+        con.close()
+    return summary, time.time() - t
+
+
+def register(app: typer.Typer):
+    @app.command("train")
+    def train_cmd(
+        domain: str = typer.Option(..., "--domain", help="domain to train"),
+        config: Path = typer.Option(None, "--config", help="JSON training config (default: the domain's config.json 'train' section)"),
+        out: Path = typer.Option(None, "--out", help="output folder (default: domains/<name>/model)"),
+        resume: bool = typer.Option(False, "--resume", help="continue from the last checkpoint in --out"),
+        db: Path = typer.Option(Path("factory.duckdb"), "--db", help="DuckDB file that records the training run and its losses"),
+        quiet: bool = typer.Option(False, "--quiet"),
+    ):
+        """Train a domain's DiffLM stack (decoder LM, beta-VAE, latent diffusion)."""
+        summary, secs = train(domain, config, out, resume, db, quiet)
+        typer.echo(f"trained {domain} stack in {secs / 60:.1f} min -> {out or 'domains/' + domain + '/model'}")
