@@ -23,10 +23,10 @@ from .tokenizer import BOS, SchemaTokenizer
 
 @dataclass
 class DecoderConfig:
-    hidden_size: int = 192
+    hidden_size: int = 128  # 0.8M parameters: the CPU budget (train <= 60 min, 100k records <= 10 min)
     num_layers: int = 4
     num_heads: int = 4
-    intermediate_size: int = 512
+    intermediate_size: int = 384
     prompt_len: int = 4  # k soft-prompt vectors
     vocab_size: int = 0  # set from the tokenizer
     seq_len: int = 0  # record tokens, set from the tokenizer
@@ -82,7 +82,7 @@ class DomainDecoder(nn.Module):
             prompt = self.null_prompt.expand(B, -1, -1)
         bos = self.embed(torch.full((B, 1), BOS, dtype=torch.long))
         out = self.lm(inputs_embeds=torch.cat([prompt, bos], 1), use_cache=True)
-        cache, logits = out.past_key_values, out.logits[:, -1]
+        cache, logits = out.cache, out.logits[:, -1]
         state = tokenizer.init_state(B)
         tokens = []
         for t in range(tokenizer.length):
@@ -95,8 +95,8 @@ class DomainDecoder(nn.Module):
             state = tokenizer.advance(t, state, nxt)
             tokens.append(nxt)
             if t + 1 < tokenizer.length:
-                out = self.lm(input_ids=nxt[:, None], past_key_values=cache, use_cache=True)
-                cache, logits = out.past_key_values, out.logits[:, -1]
+                out = self.lm(input_ids=nxt[:, None], cache=cache, use_cache=True)
+                cache, logits = out.cache, out.logits[:, -1]
         return torch.stack(tokens, 1)
 
     def save_pretrained(self, path: str | Path):

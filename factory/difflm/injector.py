@@ -25,7 +25,7 @@ class SoftPromptInjector(nn.Module):
                                  nn.Linear(cfg.hidden, cfg.prompt_len * cfg.embed_dim))
         if null_prompt is not None:  # start as the decoder's own unconditional prompt
             with torch.no_grad():
-                self.net[-1].weight.mul_(0.1)
+                self.net[-1].weight.zero_()  # zero-init: z starts with no effect (as ControlNet zero convs)
                 self.net[-1].bias.copy_(null_prompt.reshape(-1))
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:

@@ -39,12 +39,12 @@ class TrainConfig:
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     max_train_rows: int = 0  # 0 = all; tests use a few hundred
     # stage 1: decoder LM
-    lm_epochs: int = 12
+    lm_epochs: int = 10
     lm_batch: int = 64
     lm_lr: float = 2e-3
     lm_patience: int = 2
     # stage 2: VAE
-    vae_epochs: int = 8
+    vae_epochs: int = 6
     vae_batch: int = 64
     vae_lr: float = 1e-3
     beta_start: float = 0.1
@@ -53,7 +53,7 @@ class TrainConfig:
     beta_patience: int = 1  # epochs without val-recon improvement before beta drops
     vae_patience: int = 3  # early stopping
     # stage 3: diffusion
-    diffusion_steps: int = 4000
+    diffusion_steps: int = 3000
     diffusion_batch: int = 256
     diffusion_lr: float = 1e-3
 
