@@ -138,13 +138,16 @@ def machine() -> dict:
 
 
 def git_commit() -> str:
+    """HEAD, plus the uncommitted files (if any) among the repo modules this run imported."""
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "benchmarks/peers.py", "factory/evaluate.py"],
-                               cwd=ROOT, capture_output=True, text=True).stdout.strip()
-        return sha + (" (benchmark code modified)" if dirty else "")
+        status = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout
     except OSError:
         return "unknown"
+    used = {str(Path(f).resolve().relative_to(ROOT)) for m in list(sys.modules.values())
+            if (f := getattr(m, "__file__", None)) and Path(f).resolve().is_relative_to(ROOT)}
+    dirty = sorted(p for line in status.splitlines() if (p := line[3:]) in used)
+    return sha + (f" + uncommitted changes in {', '.join(dirty)}" if dirty else "")
 
 
 def versions() -> dict:
@@ -185,7 +188,7 @@ def run(args) -> dict:
                          "sample_seconds": None if sample_s is None else round(sample_s, 2), **e}
         r = results[name]
         q = r["quality"] or {}
-        print(f"[{name}] fit {r['fit_seconds']}s sample {r['sample_seconds']}s eval {r['eval_seconds']}s "
+        print(f"[{name}] fit {fmt(r['fit_seconds'], 1)}s sample {fmt(r['sample_seconds'], 1)}s eval {r['eval_seconds']}s "
               f"valid {r['rule_validity']['valid_rate']:.3f} shapes {q.get('column_shapes')} "
               f"trends {q.get('column_pair_trends')} dcr_median {r['privacy']['dcr']['median']}", flush=True)
 
@@ -333,7 +336,6 @@ def main(argv=None):
     header = {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "command": "python -m benchmarks.peers " + " ".join(sys.argv[1:] if argv is None else argv),
-        "git_commit": git_commit(),
         "machine": machine(),
         "versions": versions(),
         "config": {"n": args.n, "ctgan_epochs": args.ctgan_epochs, "tvae_epochs": args.tvae_epochs,
@@ -342,6 +344,7 @@ def main(argv=None):
     }
     out = run(args)
     header["total_seconds"] = round(time.perf_counter() - t0, 1)
+    header["git_commit"] = git_commit()  # after the run: knows which repo modules were imported
     header["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
     report = {"header": header, **out}
     args.out.mkdir(parents=True, exist_ok=True)
