@@ -96,7 +96,7 @@ class Validator:
                                      "stage_order": pl.Int64, "rule_order": pl.Int64})
         try:
             self.schema.validate(df, lazy=True)
-            return Validation(pl.Series("valid", [True] * n), empty)
+            return Validation(pl.Series("valid", [True] * n, dtype=pl.Boolean), empty)
         except pa.errors.SchemaErrors as e:
             fc = e.failure_cases
         except pa.errors.SchemaError as e:  # non-lazy structural errors
@@ -126,7 +126,7 @@ class Validator:
             rule_order=pl.col("rule").replace_strict(self.rule_order, default=10**6, return_dtype=pl.Int64),
         )
         bad = set(failures["row"].to_list())
-        valid = pl.Series("valid", [i not in bad for i in range(n)])
+        valid = pl.Series("valid", [i not in bad for i in range(n)], dtype=pl.Boolean)
         return Validation(valid, failures)
 
 

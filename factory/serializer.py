@@ -39,6 +39,7 @@ class Serializer:
             for bad in (FIELD_SEP, KEY_SEP):
                 if bad in c.name or (isinstance(c, Categorical) and any(bad in str(v) for v in c.values)):
                     raise ValueError(f"column {c.name!r}: {bad!r} cannot appear in names or categories")
+        self._cols = {c.name: c for c in spec.columns}  # O(1) lookup on the per-value hot path
         self._cats = {c.name: {str(v): v for v in c.values} for c in spec.columns if isinstance(c, Categorical)}
         self._num_re = {
             c.name: (_INT if c.decimals == 0 else _decimal_re(c.decimals))
@@ -81,7 +82,7 @@ class Serializer:
         return record
 
     def _parse_value(self, name: str, raw: str):
-        col = self.spec[name]
+        col = self._cols[name]
         if raw == NULL_TEXT:
             if not col.nullable:
                 raise ParseError(f"{name}: null in a non-nullable column", name)
