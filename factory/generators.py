@@ -1,0 +1,60 @@
+"""The generator interface, and how a CLI model name becomes a generator.
+
+A generator writes serialized records: `generate(n, seed)` returns n texts over
+the domain's *generated* columns only (derived columns are filled by the loop
+with `domain.complete`). The same (n, seed) must give the same texts, so a run
+is reproducible from its seed. `model_id` and `model_version` are stored with
+every run, which is how a record's lineage is answered.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from factory.domain import Domain
+
+GENERATORS = ("baseline", "difflm")
+
+
+class GeneratorError(ValueError):
+    pass
+
+
+@runtime_checkable
+class Generator(Protocol):
+    model_id: str  # lineage: which kind of model ("baseline", "difflm")
+    model_version: str  # which fitted state (a checksum of marginals / weights)
+
+    def generate(self, n: int, seed: int) -> list[str]: ...
+
+
+def default_model(domain: Domain) -> str:
+    return domain.config.get("default_model", "baseline")
+
+
+def load_generator(domain: Domain, name: str | None = None, **opts) -> Generator:
+    """`name` is a CLI model name; None means the domain's default model."""
+    name = default_model(domain) if name is None else name
+    if name == "baseline":
+        from factory.baseline import MarginalBaseline
+
+        return MarginalBaseline.fit(domain, **opts)
+    if name == "difflm":
+        missing = (f"no trained DiffLM stack at {domain.model_dir}; "
+                   f"run `factory train --domain {domain.name}` or use --model baseline")
+        if not domain.model_dir.is_dir():
+            raise GeneratorError(missing)
+        try:
+            from factory.difflm.pipeline import DiffLMGenerator, ModelError
+        except ImportError as e:
+            # Only a missing difflm package means "not built yet"; a broken import inside it is a bug.
+            if e.name is None or not e.name.startswith("factory.difflm"):
+                raise
+            raise GeneratorError(missing) from None
+        try:
+            return DiffLMGenerator.from_pretrained(domain.model_dir, domain=domain, **opts)
+        except FileNotFoundError as e:
+            raise GeneratorError(f"{missing} ({e})") from None
+        except ModelError as e:  # an incomplete or mismatched stack: say what is wrong, and what to do
+            raise GeneratorError(f"{e}; run `factory train --domain {domain.name}` or use --model baseline") from None
+    raise GeneratorError(f"unknown model {name!r}; choose one of: {', '.join(GENERATORS)}")
