@@ -1,0 +1,168 @@
+"""The generation loop: generate -> parse -> complete -> validate -> store, batch by batch.
+
+Accounting, per run:
+- every generated text gets an attempt id (its index within the run);
+- a text is *accepted* (a row of `<domain>.records`, record_id = attempt id) or
+  *rejected* (one `rejections` row per failing rule) — attempted = accepted + rejected;
+- valid texts that arrive after the n-th acceptance (in the last batch) are
+  *surplus*: counted, not stored, and not attempts.
+A run is deterministic for (seed, generator, batch_size): batch b is generated
+with a seed derived from (seed, b), and batch sizes depend only on acceptance so far.
+"""
+from __future__ import annotations
+
+import math
+import secrets
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+import numpy as np
+import polars as pl
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from factory.domain import Domain
+from factory.generators import Generator
+from factory.store import Store
+
+REJECTION_SCHEMA = {"run_id": pl.String, "attempt_id": pl.Int64, "batch": pl.Int64, "stage": pl.String,
+                    "rule": pl.String, "message": pl.String, "raw_text": pl.String}
+END_MARGIN = 1.2  # near the end, ask for 20% more texts than the acceptance rate predicts we need
+
+
+class AttemptBudgetExceeded(RuntimeError):
+    pass
+
+
+@dataclass
+class RunResult:
+    run_id: str
+    requested: int
+    accepted: int
+    attempted: int
+    rejected: int
+    surplus: int
+    batches: int
+    seconds: float
+    top_rejections: list[tuple[str, str, int]] = field(default_factory=list)  # (stage, rule, attempts)
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.attempted if self.attempted else 0.0
+
+
+def default_max_attempts(n: int) -> int:
+    # Give up below ~1% acceptance (the marginal baseline on finance sits near 2%).
+    return 100 * n + 10_000
+
+
+def batch_seed(seed: int, batch: int) -> int:
+    """Independent, reproducible seed for batch `batch` of a run seeded with `seed`."""
+    return int(np.random.SeedSequence(seed, spawn_key=(batch,)).generate_state(1, np.uint64)[0] >> 1)
+
+
+def next_batch_size(batch_size: int, remaining: int, valid: int, generated: int) -> int:
+    if generated == 0 or valid == 0:
+        return batch_size
+    rate = valid / generated
+    return max(1, min(batch_size, math.ceil(remaining / rate * END_MARGIN)))
+
+
+def new_run_id(domain: Domain) -> str:
+    return f"{domain.name}-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{secrets.token_hex(3)}"
+
+
+def _progress(enabled: bool) -> Progress:
+    console = Console(file=sys.stderr)
+    return Progress(
+        TextColumn("[bold]generating"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("attempted {task.fields[attempted]:,}  acceptance {task.fields[rate]:.1%}"),
+        TimeElapsedColumn(), console=console, disable=not (enabled and console.is_terminal), transient=False)
+
+
+def run_generation(domain: Domain, generator: Generator, n: int, seed: int, store: Store, batch_size: int,
+                   max_attempts: int | None = None, progress: bool = True, settings: dict | None = None,
+                   run_id: str | None = None) -> RunResult:
+    """Generate until exactly n records pass every rule; record everything in `store`."""
+    if n <= 0:
+        raise ValueError(f"n must be positive, got {n}")
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
+    max_attempts = default_max_attempts(n) if max_attempts is None else max_attempts
+    run_id = run_id or new_run_id(domain)
+    gen_cols = domain.spec.generated_names
+    store.start_run(run_id, domain, generator.model_id, generator.model_version, seed, n, batch_size,
+                    {"max_attempts": max_attempts, **(settings or {})})
+    accepted = rejected = surplus = generated = valid_seen = batch = 0
+    started = time.perf_counter()
+    status = "failed"
+    try:
+        with _progress(progress) as bar:
+            task = bar.add_task("generate", total=n, attempted=0, rate=0.0)
+            while accepted < n:
+                if generated >= max_attempts:
+                    raise AttemptBudgetExceeded(_budget_message(store, run_id, n, accepted, generated, max_attempts))
+                k = min(next_batch_size(batch_size, n - accepted, valid_seen, generated), max_attempts - generated)
+                texts = generator.generate(k, batch_seed(seed, batch))
+                if len(texts) != k:
+                    raise RuntimeError(f"generator {generator.model_id} returned {len(texts)} texts, asked for {k}")
+                records, rejections, n_valid, n_taken = _judge(domain, gen_cols, texts, run_id, batch, generated,
+                                                               n - accepted)
+                n_rejected = rejections["attempt_id"].n_unique() if rejections.height else 0
+                accepted += n_taken
+                rejected += n_rejected
+                surplus += n_valid - n_taken
+                valid_seen += n_valid
+                generated += k
+                store.write_batch(run_id, domain, records, rejections,
+                                  {"attempted": accepted + rejected, "accepted": accepted, "rejected": rejected,
+                                   "surplus": surplus})
+                batch += 1
+                bar.update(task, completed=accepted, attempted=accepted + rejected,
+                           rate=accepted / max(1, accepted + rejected))
+        status = "succeeded"
+    finally:
+        store.finish_run(run_id, status)
+    top = [(r["stage"], r["rule"], r["attempts"]) for r in store.rejection_counts(run_id, limit=5).to_dicts()]
+    return RunResult(run_id, n, accepted, accepted + rejected, rejected, surplus, batch,
+                     time.perf_counter() - started, top)
+
+
+def _judge(domain: Domain, gen_cols: list[str], texts: list[str], run_id: str, batch: int, first_attempt: int,
+           wanted: int) -> tuple[pl.DataFrame, pl.DataFrame, int, int]:
+    """Parse, complete and validate one batch (vectorized).
+
+    Returns (records to store, rejection rows, number of valid texts, number of records taken).
+    """
+    frame, ok_index, errors = domain.serializer.parse_many(texts, columns=gen_cols)
+    parse_rows = pl.DataFrame(
+        {"attempt_id": [first_attempt + i for i, _ in errors], "stage": ["parse"] * len(errors),
+         "rule": ["parse"] * len(errors), "message": [e.reason for _, e in errors]},
+        schema={"attempt_id": pl.Int64, "stage": pl.String, "rule": pl.String, "message": pl.String})
+    attempt_ids = pl.Series("attempt_id", [first_attempt + i for i in ok_index], dtype=pl.Int64)
+    full = domain.complete(frame)
+    validation = domain.validator.validate(full)
+    valid_rows = full.with_columns(attempt_ids).filter(validation.valid)
+    n_valid = valid_rows.height
+    taken = valid_rows.head(wanted)
+    records = taken.select(
+        pl.lit(run_id).alias("run_id"), pl.col("attempt_id").alias("record_id"), pl.lit(batch, pl.Int64).alias("batch"),
+        *domain.spec.names)
+    rule_rows = validation.failures.select(
+        attempt_ids.gather(validation.failures["row"]).alias("attempt_id"), "stage", "rule", "message")
+    rejections = pl.concat([parse_rows, rule_rows]).sort("attempt_id", maintain_order=True)
+    raw = pl.Series("raw_text", texts, dtype=pl.String).gather(rejections["attempt_id"] - first_attempt)
+    rejections = rejections.with_columns(
+        raw, pl.lit(run_id).alias("run_id"), pl.lit(batch, pl.Int64).alias("batch")).select(list(REJECTION_SCHEMA))
+    return records, rejections, n_valid, taken.height
+
+
+def _budget_message(store: Store, run_id: str, n: int, accepted: int, generated: int, max_attempts: int) -> str:
+    top = store.rejection_counts(run_id, limit=5).to_dicts()
+    reasons = "; ".join(f"{r['stage']}/{r['rule']}: {r['attempts']:,}" for r in top) or "none recorded"
+    return (f"attempt budget exhausted: accepted {accepted:,} of {n:,} records after {generated:,} attempts "
+            f"(max {max_attempts:,}); top rejection reasons: {reasons}")
