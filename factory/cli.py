@@ -1,0 +1,244 @@
+"""`factory`: generate validated synthetic records, and inspect everything in DuckDB.
+
+User mistakes (unknown domain, bad file, bad --db, ...) end in one red line and
+exit code 2. Only the project's own error classes are caught: anything else is a
+bug and keeps its traceback.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import polars as pl
+import typer
+from rich import box
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from factory.domain import DomainError, available_domains, load_domain
+from factory.export import ExportError, check_target, export_run
+from factory.generators import GENERATORS, GeneratorError, default_model, load_generator
+from factory.inputs import InputError, read_table
+from factory.loop import AttemptBudgetExceeded, run_generation
+from factory.store import Store, StoreError
+
+app = typer.Typer(name="factory", help=__doc__.split("\n")[0], no_args_is_help=True, add_completion=False,
+                  pretty_exceptions_show_locals=False)
+# Piped output is not squeezed into 80 columns: tables stay readable in files and CI logs.
+_PIPED_WIDTH = None if sys.stdout.isatty() or "COLUMNS" in os.environ else 160
+out = Console(width=_PIPED_WIDTH)
+err = Console(stderr=True, width=_PIPED_WIDTH)
+
+USER_ERRORS = (DomainError, StoreError, ExportError, GeneratorError, InputError)
+DB_OPTION = typer.Option(Path("factory.duckdb"), "--db", help="DuckDB file holding runs, records and rejections")
+
+
+def fail(message: str, code: int = 2):
+    line = " ".join(str(message).split())  # always one line
+    err.print(Text("error: ", style="bold red") + Text(line, style="red"), soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def user_errors(fn):
+    """Turn the project's own errors into a one-line message and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except USER_ERRORS as e:
+            fail(str(e))
+
+    return wrapper
+
+
+def print_frame(df: pl.DataFrame, title: str | None = None, max_rows: int | None = None,
+                no_wrap: tuple[str, ...] = ()) -> None:
+    table = Table(title=title, box=box.SIMPLE_HEAD)
+    for name in df.columns:
+        table.add_column(name, overflow="fold", no_wrap=name in no_wrap)
+    shown = df if max_rows is None else df.head(max_rows)
+    for row in shown.iter_rows():
+        table.add_row(*("" if v is None else f"{v:,}" if isinstance(v, int) else str(v) for v in row))
+    out.print(table)
+    if max_rows is not None and df.height > max_rows:
+        out.print(f"... {df.height - max_rows:,} more rows not shown")
+
+
+# ---- commands --------------------------------------------------------------------------------
+@app.command()
+@user_errors
+def domains():
+    """List the domains, their columns and their rules."""
+    for name in available_domains():
+        d = load_domain(name)
+        n_derived = len(d.spec.columns) - len(d.spec.generated)
+        out.print(Text(name, style="bold") + Text(f"  {d.description}"))
+        out.print(f"  {len(d.spec.columns)} columns ({n_derived} derived), {len(d.rules)} rules, "
+                  f"default model: {default_model(d)}, folder: {d.root}", soft_wrap=True)
+        for rule in d.rules:
+            out.print(Text(f"  - {rule.name}: ", style="cyan") + Text(rule.message), soft_wrap=True)
+        out.print()
+
+
+@app.command()
+@user_errors
+def validate(file: Path = typer.Argument(..., help="CSV or Parquet file with the domain's columns"),
+             domain: str = typer.Option(..., "--domain", "-d", help="domain whose rules apply")):
+    """Check a CSV/Parquet file against a domain's schema and rules. Exit 1 if any row fails."""
+    d = load_domain(domain)
+    df = read_table(file, d.spec)
+    result = d.validator.validate(df)
+    n_bad = df.height - result.n_valid
+    if not result.failures.height:
+        out.print(f"[green]{file}: all {df.height:,} rows pass every {domain} rule[/]")
+        return
+    counts = (result.failures.group_by("stage", "rule", "message").agg(pl.col("row").n_unique().alias("rows"))
+              .sort(["rows", "stage", "rule"], descending=[True, False, False]))
+    print_frame(counts, title=f"{file}: {n_bad:,} of {df.height:,} rows violate a rule")
+    raise typer.Exit(1)
+
+
+@app.command()
+@user_errors
+def generate(
+    domain: str = typer.Option(..., "--domain", "-d", help="domain to generate"),
+    n: int = typer.Option(..., "-n", help="number of valid records to produce"),
+    seed: int = typer.Option(0, "--seed", help="run seed; same seed, model and batch size give the same records"),
+    model: Optional[str] = typer.Option(None, "--model", help=f"one of {', '.join(GENERATORS)}; default: the domain's"),
+    db: Path = DB_OPTION,
+    out_path: Optional[Path] = typer.Option(None, "--out", help="export accepted records to .parquet or .csv"),
+    force: bool = typer.Option(False, "--force", help="overwrite --out if it exists"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="texts per batch; default: the domain's"),
+    max_attempts: Optional[int] = typer.Option(None, "--max-attempts", help="give up after this many texts"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
+):
+    """Generate N records that pass every rule, record the run in DuckDB, optionally export them."""
+    if n <= 0:
+        fail(f"-n must be a positive number of records, got {n}")
+    if seed < 0:
+        fail(f"--seed must be >= 0, got {seed}")
+    if batch_size is not None and batch_size <= 0:
+        fail(f"--batch-size must be positive, got {batch_size}")
+    if max_attempts is not None and max_attempts <= 0:
+        fail(f"--max-attempts must be positive, got {max_attempts}")
+    d = load_domain(domain)
+    if out_path is not None:
+        check_target(out_path, force)  # before the run, not after it
+    generator = load_generator(d, model)
+    size = batch_size or int(d.config.get("batch_size", 1000))
+    started = time.perf_counter()
+    with Store(db) as store:
+        try:
+            result = run_generation(d, generator, n, seed, store, size, max_attempts=max_attempts,
+                                    progress=not quiet, settings={"model": model or default_model(d)})
+        except AttemptBudgetExceeded as e:
+            fail(str(e), code=1)
+        if out_path is not None:
+            try:
+                export_run(store, d, result.run_id, out_path, force)
+            except ExportError as e:
+                fail(f"{e} (the run {result.run_id} is stored; re-export with `factory export {result.run_id}`)")
+    lines = [
+        ("run", result.run_id),
+        ("model", f"{generator.model_id} {generator.model_version}"),
+        ("accepted", f"{result.accepted:,} of {n:,}"),
+        ("attempted", f"{result.attempted:,}"),
+        ("rejected", f"{result.rejected:,}"),
+        ("acceptance", f"{result.acceptance_rate:.2%}"),
+        ("surplus", f"{result.surplus:,}"),
+        ("wall time", f"{time.perf_counter() - started:.1f} s"),
+        ("database", str(db)),
+    ] + ([("exported", str(out_path))] if out_path is not None else [])
+    table = Table(show_header=False, box=None)
+    for k, v in lines:
+        table.add_row(Text(k, style="bold"), v)
+    out.print(table)
+    if result.top_rejections:
+        out.print("top rejection reasons (attempts):")
+        for stage, rule, count in result.top_rejections:
+            out.print(f"  {stage}/{rule}: {count:,}")
+
+
+@app.command("export")
+@user_errors
+def export_cmd(run_id: str = typer.Argument(..., help="run id (see `factory runs`)"),
+               out_path: Path = typer.Option(..., "--out", help=".parquet or .csv"),
+               force: bool = typer.Option(False, "--force", help="overwrite --out if it exists"),
+               db: Path = DB_OPTION):
+    """Export a stored run's accepted records."""
+    check_target(out_path, force)
+    with Store(db, read_only=True) as store:
+        d = load_domain(store.run(run_id)["domain"])
+        count = export_run(store, d, run_id, out_path, force)
+    out.print(f"wrote {count:,} records to {out_path}")
+
+
+@app.command()
+@user_errors
+def runs(db: Path = DB_OPTION):
+    """List the runs in a database."""
+    with Store(db, read_only=True) as store:
+        df = store.runs()
+    if not df.height:
+        out.print(f"no runs in {db}")
+        return
+    df = df.select(
+        "run_id", pl.col("model_id").alias("model"), "seed",
+        pl.col("requested_n").alias("n"), "accepted", "attempted",
+        (pl.col("accepted") / pl.col("attempted")).map_elements(lambda r: f"{r:.2%}", return_dtype=pl.String)
+        .alias("acceptance"), "status",
+        ((pl.col("finished_at") - pl.col("started_at")).dt.total_milliseconds() / 1000).round(1).alias("seconds"))
+    print_frame(df, title=f"runs in {db} (all times UTC; see `factory sql` for more)", no_wrap=("run_id",))
+
+
+@app.command()
+@user_errors
+def rejections(run_id: str = typer.Argument(..., help="run id (see `factory runs`)"),
+               db: Path = DB_OPTION,
+               examples: int = typer.Option(3, "--examples", help="example raw texts to show")):
+    """Why a run's attempts were rejected: counts by stage and rule, with example texts."""
+    with Store(db, read_only=True) as store:
+        run = store.run(run_id)
+        counts = store.rejection_counts(run_id)
+        samples = store.frame(
+            "SELECT stage, rule, attempt_id, raw_text FROM rejections WHERE run_id = ? AND rule IN "
+            "(SELECT rule FROM rejections WHERE run_id = ? GROUP BY rule ORDER BY count(*) DESC, rule LIMIT ?) "
+            "QUALIFY row_number() OVER (PARTITION BY rule ORDER BY attempt_id) = 1 ORDER BY attempt_id",
+            [run_id, run_id, examples])
+    out.print(f"run {run_id}: {run['rejected']:,} of {run['attempted']:,} attempts rejected "
+              f"(a rejected attempt can break several rules)")
+    if counts.height:
+        print_frame(counts.select("stage", "rule", "attempts", "message"), title="rejections by rule")
+    for r in samples.iter_rows(named=True):
+        out.print(Text(f"{r['stage']}/{r['rule']} attempt {r['attempt_id']}: ", style="bold")
+                  + Text(r["raw_text"][:1000] + ("..." if len(r["raw_text"]) > 1000 else "")), soft_wrap=True)
+
+
+@app.command()
+@user_errors
+def sql(query: str = typer.Argument(..., help="SQL to run (read-only)"),
+        db: Path = DB_OPTION,
+        max_rows: int = typer.Option(100, "--max-rows", help="rows to print")):
+    """Run a read-only SQL query on the database and print the result."""
+    with Store(db, read_only=True) as store:
+        df = store.query(query)
+    print_frame(df, max_rows=max_rows)
+
+
+# `factory train` lives in its own module (it needs torch); register it when present.
+# find_spec, not try/except ImportError, so that a broken train module fails loudly.
+if importlib.util.find_spec("factory.train_cli") is not None:
+    from factory.train_cli import register
+
+    register(app)
+
+
+if __name__ == "__main__":
+    app()
