@@ -39,14 +39,18 @@ class DiffLMGenerator:
     model_id = "difflm"
 
     def __init__(self, domain, tokenizer, decoder, injector, denoiser, sampler, stats, path: Path,
-                 batch_size: int = 1000, latent: str = "diffusion", constrained: bool = True,
-                 temperature: float = 1.0, threads: int | None = None):
+                 batch_size: int = 2000, latent: str = "diffusion", constrained: bool = True,
+                 temperature: float = 1.0, threads: int | None = None, precision: str = "auto"):
         if latent not in ("diffusion", "prior"):
             raise ModelError(f"latent must be 'diffusion' or 'prior', got {latent!r}")
         self.domain, self.tok, self.dec, self.inj = domain, tokenizer, decoder, injector
         self.den, self.sampler, self.stats, self.path = denoiser, sampler, stats, Path(path)
         self.batch_size, self.latent, self.constrained, self.temperature = batch_size, latent, constrained, temperature
         self.model_version = model_checksum(self.path)
+        self.dec.to_precision(precision)
+        self.settings = {"latent": latent, "constrained": constrained, "temperature": temperature,
+                         "precision": self.dec.precision, "decode_batch": batch_size,
+                         "diffusion_steps": sampler.cfg.steps}
         if threads:
             torch.set_num_threads(threads)
 
@@ -88,7 +92,8 @@ class DiffLMGenerator:
         for start in range(0, n, self.batch_size):
             b = min(self.batch_size, n - start)
             z = self.sample_latents(b, g)
-            out.append(self.dec.generate(self.inj(z), self.tok, g, self.temperature, self.constrained))
+            prompt = self.inj(z)
+            out.append(self.dec.generate(prompt, self.tok, g, self.temperature, self.constrained))
         return torch.cat(out) if out else torch.zeros(0, self.tok.length, dtype=torch.long)
 
     def generate(self, n: int, seed: int) -> list[str]:
