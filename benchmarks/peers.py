@@ -137,6 +137,18 @@ def machine() -> dict:
             "platform": platform.platform(), "loadavg_at_start": [round(x, 2) for x in os.getloadavg()]}
 
 
+def preload():
+    """Import every module the run uses (repo and peers) before the git state is recorded."""
+    import sdmetrics.reports.single_table  # noqa: F401
+    import sdv.single_table  # noqa: F401
+    import torch  # noqa: F401
+    import xgboost  # noqa: F401
+    try:
+        import factory.baseline  # noqa: F401
+    except ImportError:
+        pass
+
+
 def git_commit() -> str:
     """HEAD, plus the uncommitted files (if any) among the repo modules this run imported."""
     try:
@@ -261,7 +273,8 @@ def markdown(report: dict) -> str:
         "",
         f"- date: {h['date']}",
         f"- command: `{h['command']}`",
-        f"- git commit: {h['git_commit']}",
+        f"- git commit: {h['git_commit']}"
+        + (f" (at the end of the run: {h['git_commit_at_end']})" if h.get("git_commit_at_end") else ""),
         f"- machine: {h['machine']['nproc']} CPU ({h['machine']['cpu_model']}), CPU only, shared with other "
         f"jobs (1-min load average {h['machine']['loadavg_at_start'][0]} at start, "
         f"{h['machine']['loadavg_at_end'][0]} at end): timings are indicative",
@@ -297,7 +310,9 @@ def markdown(report: dict) -> str:
         "",
         "Columns: *valid* = share of rows passing every schema check and rule; *installment*, *paid_total*, "
         "*grade* = pass rates of installment_matches_amortization, paid_total_is_sum, grade_matches_sub_grade; "
-        "*shapes*, *pair trends* = SDMetrics QualityReport properties against the real test split (no subsampling); "
+        "*shapes*, *pair trends* = SDMetrics QualityReport properties against the real test split ("
+        + ("some candidates subsampled, see peers.json" if any((r["quality"] or {}).get("subsampled") for r in res.values())
+           else "no subsampling") + "); "
         "MLE = XGBoost score on the real test split when trained on the candidate, divided by the score when "
         "trained on the real train split; *exact copies* = candidate rows identical to a train row on all 29 "
         "columns; *DCR* = distance to the closest train row (mean per-column distance: min-max scaled numerics, "
@@ -332,10 +347,12 @@ def main(argv=None):
     if args.quick:
         args.n, args.ctgan_epochs, args.tvae_epochs, args.n_estimators = 1_000, 2, 2, 50
 
+    preload()  # so that the git state below covers every repo module the run will use
     t0 = time.perf_counter()
     header = {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "command": "python -m benchmarks.peers " + " ".join(sys.argv[1:] if argv is None else argv),
+        "git_commit": git_commit(),
         "machine": machine(),
         "versions": versions(),
         "config": {"n": args.n, "ctgan_epochs": args.ctgan_epochs, "tvae_epochs": args.tvae_epochs,
@@ -344,7 +361,9 @@ def main(argv=None):
     }
     out = run(args)
     header["total_seconds"] = round(time.perf_counter() - t0, 1)
-    header["git_commit"] = git_commit()  # after the run: knows which repo modules were imported
+    end = git_commit()
+    if end != header["git_commit"]:
+        header["git_commit_at_end"] = end  # other work was committed in the checkout meanwhile
     header["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
     report = {"header": header, **out}
     args.out.mkdir(parents=True, exist_ok=True)
