@@ -118,6 +118,7 @@ def generate(
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="texts per batch; default: the domain's"),
     max_attempts: Optional[int] = typer.Option(None, "--max-attempts", help="give up after this many texts"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
+    model_dir: Optional[Path] = typer.Option(None, "--model-dir", help="difflm: a trained stack folder (default: the domain's shipped model/)"),
 ):
     """Generate N records that pass every rule, record the run in DuckDB, optionally export them."""
     if n <= 0:
@@ -131,13 +132,16 @@ def generate(
     d = load_domain(domain)
     if out_path is not None:
         check_target(out_path, force)  # before the run, not after it
-    generator = load_generator(d, model)
+    generator = load_generator(d, model, model_dir=model_dir)
     size = batch_size or int(d.config.get("batch_size", 1000))
     started = time.perf_counter()
     with Store(db) as store:
         try:
             result = run_generation(d, generator, n, seed, store, size, max_attempts=max_attempts,
-                                    progress=not quiet, settings={"model": model or default_model(d)})
+                                    progress=not quiet,
+                                    settings={"model": model or default_model(d),
+                                              "model_dir": str(model_dir) if model_dir else None,
+                                              **getattr(generator, "settings", {})})
         except AttemptBudgetExceeded as e:
             fail(str(e), code=1)
         if out_path is not None:

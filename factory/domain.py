@@ -41,6 +41,8 @@ class Domain:
     load_split: Callable[[str], pl.DataFrame]  # "train" | "val" | "test"
     description: str = ""
     config: dict = field(default_factory=dict)
+    # relations the decoder's token mask enforces (schemas/constraints.py); the rules still check them
+    decode_constraints: list = field(default_factory=list)
 
     @cached_property
     def serializer(self) -> Serializer:

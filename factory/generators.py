@@ -32,17 +32,23 @@ def default_model(domain: Domain) -> str:
     return domain.config.get("default_model", "baseline")
 
 
-def load_generator(domain: Domain, name: str | None = None, **opts) -> Generator:
-    """`name` is a CLI model name; None means the domain's default model."""
+def load_generator(domain: Domain, name: str | None = None, model_dir=None, **opts) -> Generator:
+    """`name` is a CLI model name; None means the domain's default model.
+    `model_dir` (difflm only) is a trained stack folder; default: the domain's shipped `model/`."""
     name = default_model(domain) if name is None else name
+    if model_dir is not None and name != "difflm":
+        raise GeneratorError(f"--model-dir applies to --model difflm only, not {name!r}")
     if name == "baseline":
         from factory.baseline import MarginalBaseline
 
         return MarginalBaseline.fit(domain, **opts)
     if name == "difflm":
-        missing = (f"no trained DiffLM stack at {domain.model_dir}; "
+        from pathlib import Path
+
+        model_dir = Path(model_dir) if model_dir is not None else domain.model_dir
+        missing = (f"no trained DiffLM stack at {model_dir}; "
                    f"run `factory train --domain {domain.name}` or use --model baseline")
-        if not domain.model_dir.is_dir():
+        if not model_dir.is_dir():
             raise GeneratorError(missing)
         try:
             from factory.difflm.pipeline import DiffLMGenerator, ModelError
@@ -52,7 +58,7 @@ def load_generator(domain: Domain, name: str | None = None, **opts) -> Generator
                 raise
             raise GeneratorError(missing) from None
         try:
-            return DiffLMGenerator.from_pretrained(domain.model_dir, domain=domain, **opts)
+            return DiffLMGenerator.from_pretrained(model_dir, domain=domain, **opts)
         except FileNotFoundError as e:
             raise GeneratorError(f"{missing} ({e})") from None
         except ModelError as e:  # an incomplete or mismatched stack: say what is wrong, and what to do

@@ -175,3 +175,67 @@ def test_denoiser_learns_and_sampler_matches_a_shifted_gaussian(tmp_path):
 def test_sigma_schedule_is_decreasing_and_ends_at_zero():
     s = EDMSampler(SamplerConfig(steps=10)).sigmas()
     assert len(s) == 11 and s[-1] == 0 and torch.all(s[:-1] > s[1:]) and abs(s[0] - 80) < 1e-3
+
+
+# ---- decode constraints -----------------------------------------------------------------------
+def _decode_with(tok, logits_fn, B=600, seed=2):
+    g = torch.Generator().manual_seed(seed)
+    state, out = tok.init_state(B), []
+    for t in range(tok.length):
+        logits = logits_fn(t, g, B).masked_fill(~tok.allowed(t, state), float("-inf"))
+        nxt = (logits - torch.log(-torch.log(torch.rand(logits.shape, generator=g).clamp(1e-10, 1)))).argmax(-1)
+        state = tok.advance(t, state, nxt)
+        out.append(nxt)
+    return torch.stack(out, 1)
+
+
+@pytest.mark.parametrize("favour", ["random", "null", "large_numbers", "small_numbers"])
+def test_decode_constraints_make_every_record_pass_every_rule(finance, favour):
+    """With the finance relations in the mask, even adversarial logits yield records that pass all rules."""
+    tok = SchemaTokenizer(finance.spec, finance.spec.generated_names, finance.decode_constraints)
+
+    def logits(t, g, B):
+        x = torch.randn(B, tok.vocab_size, generator=g) * 3
+        if favour == "null":
+            x[:, NULL] += 40
+        elif favour == "large_numbers":
+            x[:, tok.chunk0 + 90:tok.chunk0 + 100] += 40
+        elif favour == "small_numbers":
+            x[:, tok.chunk0:tok.chunk0 + 3] += 40
+        return x
+
+    frame, errors = parse_all(finance, tok.to_texts(_decode_with(tok, logits)))
+    assert errors == []
+    v = finance.validator.validate(finance.complete(frame))
+    assert v.n_valid == frame.height, v.first_failure().group_by("rule").len()
+
+
+def test_without_relations_the_same_logits_break_rules(finance):
+    tok = SchemaTokenizer(finance.spec, finance.spec.generated_names)
+    frame, errors = parse_all(finance, tok.to_texts(_decode_with(tok, lambda t, g, B: torch.randn(B, tok.vocab_size, generator=g) * 3)))
+    assert errors == []
+    failed = set(finance.validator.validate(finance.complete(frame)).failures["rule"].to_list())
+    assert {"interest_rate_in_sub_grade_band", "joint_income_iff_joint", "open_lines_within_total"} <= failed
+
+
+def test_decode_constraints_are_checked_when_built(finance):
+    from schemas.constraints import AtMost, RangeBy
+
+    cols = finance.spec.generated_names
+    with pytest.raises(ValueError, match="must be generated before"):
+        SchemaTokenizer(finance.spec, cols, [AtMost("delinq_2y", "loan_amount")])  # loan_amount comes later
+    with pytest.raises(ValueError, match="is not generated"):
+        SchemaTokenizer(finance.spec, cols, [AtMost("loan_amount", "installment")])  # derived, never generated
+    with pytest.raises(ValueError, match="must be categorical"):
+        SchemaTokenizer(finance.spec, cols, [RangeBy("loan_amount", "annual_income", {})])
+
+
+def test_infeasible_constraints_fall_back_to_the_schema_and_the_rule_rejects(finance):
+    from schemas.constraints import AtLeast
+
+    # annual_income_joint >= 10x the 0..9,999,999 range is impossible for large incomes: no row may get stuck
+    tok = SchemaTokenizer(finance.spec, finance.spec.generated_names,
+                          [AtLeast("loan_amount", "annual_income")])  # loan_amount <= 40,000 < most incomes
+    ids = _decode_with(tok, lambda t, g, B: torch.randn(B, tok.vocab_size, generator=g), B=200)
+    frame, errors = parse_all(finance, tok.to_texts(ids))
+    assert errors == [] and frame.height == 200

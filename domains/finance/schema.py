@@ -14,6 +14,7 @@ import polars as pl
 from factory.rules import Rule
 from schemas.checks import amortized_installment, within
 from schemas.columns import Categorical, Numeric, TableSpec
+from schemas.constraints import AtLeast, AtMost, MustBeNull, MustNotBeNull, RangeBy
 
 HERE = Path(__file__).parent
 
@@ -114,6 +115,23 @@ RULES = [
          ~pl.col("loan_status").is_in(SETTLED) | (pl.col("balance") == 0)),
 ]
 
+
+# What schema-guided decoding enforces while a record is written (each mirrors a rule
+# above, which still checks every record). A small LM gets these relations mostly
+# right on its own; the mask makes them exact instead of leaving them to rejection.
+DECODE_CONSTRAINTS = [
+    MustBeNull("annual_income_joint", "application_type", ("individual",)),
+    MustNotBeNull("annual_income_joint", "application_type", ("joint",)),
+    MustBeNull("debt_to_income_joint", "application_type", ("individual",)),
+    MustNotBeNull("debt_to_income_joint", "application_type", ("joint",)),
+    MustBeNull("verification_income_joint", "application_type", ("individual",)),
+    MustNotBeNull("debt_to_income", "application_type", ("individual",)),
+    AtLeast("annual_income_joint", "annual_income"),
+    AtMost("open_credit_lines", "total_credit_lines"),
+    RangeBy("interest_rate", "sub_grade", RATE_BANDS),
+    AtMost("paid_principal", "loan_amount"),
+    AtLeast("paid_principal", "loan_amount", when=("loan_status", ("Fully Paid",))),
+]
 
 def derive(df: pl.DataFrame) -> pl.DataFrame:
     """Fill the columns that a rule fully determines (SDV-style constraint transform).

@@ -22,6 +22,7 @@ import polars as pl
 import torch
 
 from schemas.columns import Categorical, Numeric, TableSpec
+from schemas.constraints import AtLeast, AtMost, MustBeNull, MustNotBeNull, RangeBy
 
 PAD, BOS, NULL = 0, 1, 2
 N_SPECIAL = 3
@@ -37,7 +38,7 @@ class Slot:
 
 
 class SchemaTokenizer:
-    def __init__(self, spec: TableSpec, columns: list[str]):
+    def __init__(self, spec: TableSpec, columns: list[str], constraints=()):
         self.spec = spec
         self.columns = list(columns)
         self.chunk0 = N_SPECIAL  # ids of chunk tokens 00..99
@@ -58,6 +59,7 @@ class SchemaTokenizer:
         self.vocab_size = next_id
         self.length = len(self.slots)
         self._build_masks()
+        self._compile_constraints(constraints)
 
     # ---- static structure ------------------------------------------------------------
     def _build_masks(self):
@@ -179,40 +181,123 @@ class SchemaTokenizer:
         return pl.select(pl.concat_str(parts, separator=", ")).to_series().to_list()
 
     # ---- schema-guided decoding ------------------------------------------------------
+    # Decoding state, per row of the batch: the value prefix of the numeric column being
+    # written, its null flag, the row's [lo, hi] bounds and null requirement for the
+    # current column (from the spec and the decode constraints), and what earlier
+    # columns were decoded to (constraints look them up).
+    def _compile_constraints(self, constraints):
+        order = {c: i for i, c in enumerate(self.columns)}
+        self.constraints: dict[str, list] = {}
+        for c in constraints:
+            deps = {MustBeNull: lambda c: [c.when], MustNotBeNull: lambda c: [c.when], RangeBy: lambda c: [c.by],
+                    AtMost: lambda c: [c.other] + ([c.when[0]] if c.when else []),
+                    AtLeast: lambda c: [c.other] + ([c.when[0]] if c.when else [])}[type(c)](c)
+            for name in [c.column] + deps:
+                if name not in order:
+                    raise ValueError(f"decode constraint {c}: column {name!r} is not generated")
+            for dep in deps:
+                if order[dep] >= order[c.column]:
+                    raise ValueError(f"decode constraint {c}: {dep!r} must be generated before {c.column!r}")
+            cond = [c.when] if isinstance(c, (MustBeNull, MustNotBeNull)) else [c.by] if isinstance(c, RangeBy) else \
+                [c.when[0]] if c.when else []
+            for name in cond:
+                if not isinstance(self.spec[name], Categorical):
+                    raise ValueError(f"decode constraint {c}: condition column {name!r} must be categorical")
+            if isinstance(c, (RangeBy, AtMost, AtLeast)) and not isinstance(self.spec[c.column], Numeric):
+                raise ValueError(f"decode constraint {c}: {c.column!r} must be numeric")
+            if isinstance(c, (AtMost, AtLeast)) and not isinstance(self.spec[c.other], Numeric):
+                raise ValueError(f"decode constraint {c}: {c.other!r} must be numeric")
+            self.constraints.setdefault(c.column, []).append(c)
+
+    def _ids_of(self, column: str, values) -> torch.Tensor:
+        return torch.tensor([self.cat_ids[column][v] for v in values])
+
+    def _row_bounds(self, name: str, state: dict, B: int):
+        col = self.spec[name]
+        numeric = isinstance(col, Numeric)
+        lo = torch.full((B,), col.int_lo if numeric else 0, dtype=torch.long)
+        hi = torch.full((B,), col.int_hi if numeric else 0, dtype=torch.long)
+        force = torch.zeros(B, dtype=torch.int8)  # 1 = must be null, 2 = must not be null
+        for c in self.constraints.get(name, ()):
+            if isinstance(c, (MustBeNull, MustNotBeNull)):
+                hit = torch.isin(state["tok"][c.when], self._ids_of(c.when, c.values))
+                force = torch.where(hit, 1 if isinstance(c, MustBeNull) else 2, force).to(torch.int8)
+            elif isinstance(c, RangeBy):
+                ids = state["tok"][c.by]
+                lo_t = torch.full((self.vocab_size,), col.int_lo, dtype=torch.long)
+                hi_t = torch.full((self.vocab_size,), col.int_hi, dtype=torch.long)
+                for v, (a, b) in c.bounds.items():
+                    if v in self.cat_ids[c.by]:
+                        lo_t[self.cat_ids[c.by][v]] = round(a * col.scale)
+                        hi_t[self.cat_ids[c.by][v]] = round(b * col.scale)
+                lo, hi = torch.maximum(lo, lo_t[ids]), torch.minimum(hi, hi_t[ids])
+            else:
+                other = self.spec[c.other]
+                v, known = state["val"][c.other], ~state["isnull"][c.other]
+                if c.when:
+                    known = known & torch.isin(state["tok"][c.when[0]], self._ids_of(c.when[0], c.when[1]))
+                if isinstance(c, AtMost):  # value in this column's units, rounded toward feasibility
+                    hi = torch.where(known, torch.minimum(hi, v * col.scale // other.scale), hi)
+                else:
+                    lo = torch.where(known, torch.maximum(lo, -((-v * col.scale) // other.scale)), lo)
+        return lo, hi, force
+
     def init_state(self, batch: int) -> dict:
-        return {"prefix": torch.zeros(batch, dtype=torch.long), "null": torch.zeros(batch, dtype=torch.bool)}
+        z = torch.zeros(batch, dtype=torch.long)
+        return {"prefix": z, "null": z.bool(), "lo": z, "hi": z, "force": z.to(torch.int8),
+                "tok": {}, "val": {}, "isnull": {}}
 
     def allowed(self, t: int, state: dict) -> torch.Tensor:
         """Bool mask [B, V] of the tokens allowed at position t for every row of the batch."""
+        s = self.slots[t]
         B = state["prefix"].shape[0]
         base = self.static_mask[t].expand(B, -1)
-        if not bool(self.is_num[t]):
-            return base
-        mask = base.clone()
-        # chunk d is allowed iff [prefix*BASE + d] * place ... + place - 1 meets [lo, hi]
-        d = torch.arange(BASE)
-        low = (state["prefix"][:, None] * BASE + d[None, :]) * self.place[t]
-        high = low + self.place[t] - 1
-        ok = (high >= self.lo[t]) & (low <= self.hi[t])
-        if bool(self.num_first[t]):
-            mask[:, self.chunk0:self.chunk0 + BASE] = ok
+        if s.chunk == 0 and (s.kind == "num" or s.column in self.constraints):
+            state["lo"], state["hi"], state["force"] = self._row_bounds(s.column, state, B)
+        if s.kind == "cat":
+            if s.column not in self.constraints:
+                return base
+            mask = base.clone()
+            must_null, not_null = state["force"] == 1, state["force"] == 2
+            mask[must_null] = False
+            mask[must_null, NULL] = bool(base[0, NULL])
+            mask[not_null, NULL] = False
         else:
-            null = state["null"]
-            mask[:, self.chunk0:self.chunk0 + BASE] = ok & ~null[:, None]
-            mask[:, PAD] = null
+            mask = base.clone()
+            # chunk d is allowed iff some completion of prefix*BASE + d lies in the row's [lo, hi]
+            d = torch.arange(BASE)
+            low = (state["prefix"][:, None] * BASE + d[None, :]) * self.place[t]
+            high = low + self.place[t] - 1
+            ok = (high >= state["lo"][:, None]) & (low <= state["hi"][:, None])
+            if s.chunk == 0:
+                mask[:, self.chunk0:self.chunk0 + BASE] = ok & (state["force"] != 1)[:, None]
+                mask[:, NULL] = base[:, NULL] & (state["force"] != 2)
+            else:
+                null = state["null"]
+                mask[:, self.chunk0:self.chunk0 + BASE] = ok & ~null[:, None]
+                mask[:, PAD] = null
+        # a row whose constraints cannot all hold falls back to the schema alone; the rules reject it
+        stuck = ~mask.any(1)
+        if bool(stuck.any()):
+            mask[stuck] = base[stuck]
         return mask
 
     def advance(self, t: int, state: dict, tokens: torch.Tensor) -> dict:
-        if not bool(self.is_num[t]):
+        s = self.slots[t]
+        if s.kind == "cat":
+            state["tok"][s.column], state["isnull"][s.column] = tokens, tokens == NULL
             return state
-        if bool(self.num_first[t]):
+        if s.chunk == 0:
             null = tokens == NULL
             prefix = torch.where(null, 0, tokens - self.chunk0)
         else:
             null = state["null"]
             prefix = torch.where(null, 0, state["prefix"] * BASE + (tokens - self.chunk0))
-        last = t + 1 == self.length or self.slots[t + 1].column != self.slots[t].column
-        return {"prefix": torch.zeros_like(prefix) if last else prefix, "null": null}
+        if s.chunk + 1 == s.n_chunks:  # column complete
+            state["val"][s.column], state["isnull"][s.column] = prefix, null
+            prefix = torch.zeros_like(prefix)
+        state["prefix"], state["null"] = prefix, null
+        return state
 
     # ---- save / load -----------------------------------------------------------------
     def config(self) -> dict:
@@ -224,9 +309,9 @@ class SchemaTokenizer:
         (Path(path) / "tokenizer.json").write_text(json.dumps(self.config(), indent=1))
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, spec: TableSpec) -> "SchemaTokenizer":
+    def from_pretrained(cls, path: str | Path, spec: TableSpec, constraints=()) -> "SchemaTokenizer":
         cfg = json.loads((Path(path) / "tokenizer.json").read_text())
-        tok = cls(spec, cfg["columns"])
+        tok = cls(spec, cfg["columns"], constraints)
         if tok.config() != cfg:
             raise ValueError(f"{path}/tokenizer.json was built for a different schema than this domain's "
                              "(columns, ranges or categories changed); retrain the stack")

@@ -1,0 +1,59 @@
+"""Decode constraints: cross-column relations that schema-guided decoding enforces per row.
+
+A domain lists them beside its rules. The decoder's token mask then only allows
+values that satisfy them, given the columns already generated (so the column a
+constraint depends on must come earlier in generation order). They do not
+replace the rules: every record is still validated by the rules, which stay the
+single source of truth. Each class is one relation, SDV-constraint style.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class MustBeNull:
+    """`column` is null whenever column `when` takes one of `values`."""
+
+    column: str
+    when: str
+    values: tuple
+
+
+@dataclass(frozen=True)
+class MustNotBeNull:
+    """`column` is present whenever column `when` takes one of `values`."""
+
+    column: str
+    when: str
+    values: tuple
+
+
+@dataclass(frozen=True)
+class RangeBy:
+    """Numeric `column` lies in bounds[v] = (lo, hi) where v is the value of categorical column `by`."""
+
+    column: str
+    by: str
+    bounds: dict = field(hash=False)
+
+
+@dataclass(frozen=True)
+class AtMost:
+    """Numeric `column` <= numeric column `other` (optionally only when column when[0] is in when[1])."""
+
+    column: str
+    other: str
+    when: tuple | None = None
+
+
+@dataclass(frozen=True)
+class AtLeast:
+    """Numeric `column` >= numeric column `other` (optionally only when column when[0] is in when[1])."""
+
+    column: str
+    other: str
+    when: tuple | None = None
+
+
+DecodeConstraint = MustBeNull | MustNotBeNull | RangeBy | AtMost | AtLeast
