@@ -64,7 +64,9 @@ def batch_seed(seed: int, batch: int) -> int:
 
 
 def next_batch_size(batch_size: int, remaining: int, valid: int, generated: int) -> int:
-    if generated == 0 or valid == 0:
+    if generated == 0:  # acceptance unknown: no more than could all be needed
+        return min(batch_size, remaining)
+    if valid == 0:
         return batch_size
     rate = valid / generated
     return max(1, min(batch_size, math.ceil(remaining / rate * END_MARGIN)))

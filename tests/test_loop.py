@@ -68,26 +68,29 @@ def test_rejection_rows_one_per_failing_rule(toy, store):
                          columns=toy.spec.generated_names)
     wrong_kind = good.replace("kind: small", "kind: large")
     out_of_range = good.replace("width: 2", "width: 99")  # area 297 also makes "small" wrong
-    gen = ListGenerator([good, "not a record", wrong_kind, out_of_range])
+    gen = ListGenerator([good, out_of_range, "not a record", wrong_kind])
     result = run_generation(toy, gen, 2, seed=0, store=store, batch_size=8, progress=False)
+    # batch 0 asks for n=2 texts (good, out_of_range); acceptance 1/2 -> batch 1 asks for ceil(1/0.5*1.2)=3
+    assert [k for k, _ in gen.calls] == [2, 3]
     rej = store.frame("SELECT attempt_id, stage, rule, raw_text FROM rejections ORDER BY attempt_id, rule")
     got = [(r["attempt_id"], r["stage"], r["rule"]) for r in rej.iter_rows(named=True)]
-    assert got == [(1, "parse", "parse"), (2, "rule", "kind_matches_area"),
-                   (3, "rule", "kind_matches_area"), (3, "schema", "width.range"),
-                   (5, "parse", "parse"), (6, "rule", "kind_matches_area"),
-                   (7, "rule", "kind_matches_area"), (7, "schema", "width.range")]
-    assert rej.filter(pl.col("attempt_id") == 1)["raw_text"].item() == "not a record"
-    assert result.accepted == 2 and result.rejected == 6 and result.attempted == 8 and result.surplus == 0
-    assert store.frame("SELECT record_id FROM toy.records ORDER BY 1")["record_id"].to_list() == [0, 4]
+    # the generator restarts its list on each call: batch 1 is good, out_of_range, "not a record"
+    assert got == [(1, "rule", "kind_matches_area"), (1, "schema", "width.range"),
+                   (3, "rule", "kind_matches_area"), (3, "schema", "width.range"), (4, "parse", "parse")]
+    assert rej.filter(pl.col("attempt_id") == 4)["raw_text"].item() == "not a record"
+    assert result.accepted == 2 and result.rejected == 3 and result.attempted == 5 and result.surplus == 0
+    assert store.frame("SELECT record_id FROM toy.records ORDER BY 1")["record_id"].to_list() == [0, 2]
 
 
 def test_surplus_is_counted_not_stored(toy, store):
     good = toy.serializer.serialize({"kind": "small", "width": 2, "height": 3, "label": "a", "weight": None},
                                     columns=toy.spec.generated_names)
-    result = run_generation(toy, ListGenerator([good]), 5, seed=0, store=store, batch_size=8, progress=False)
-    # first batch asks for 8, all valid: 5 accepted, 3 surplus
-    assert (result.accepted, result.attempted, result.rejected, result.surplus) == (5, 5, 0, 3)
-    assert store.run(result.run_id)["surplus"] == 3
+    gen = ListGenerator([good, good, "not a record"])
+    result = run_generation(toy, gen, 5, seed=0, store=store, batch_size=8, progress=False)
+    # batch 0: 5 texts, 4 valid; batch 1: ceil(1/0.8*1.2)=2 texts, both valid: 1 taken, 1 surplus
+    assert [k for k, _ in gen.calls] == [5, 2]
+    assert (result.accepted, result.attempted, result.rejected, result.surplus) == (5, 6, 1, 1)
+    assert store.run(result.run_id)["surplus"] == 1
 
 
 def test_exactly_n_and_deterministic(toy, store):
@@ -129,7 +132,9 @@ def test_budget_message_lists_top_reasons(toy, store):
 
 
 def test_batch_sizing():
-    assert next_batch_size(2000, 500, 0, 0) == 2000  # nothing seen yet
+    assert next_batch_size(2000, 500, 0, 0) == 500  # nothing seen yet: no more than could all be needed
+    assert next_batch_size(2000, 5000, 0, 0) == 2000
+    assert next_batch_size(2000, 500, 0, 700) == 2000  # nothing valid yet: full batches
     assert next_batch_size(2000, 10, 50, 100) == 24  # 10 / 0.5 * 1.2
     assert next_batch_size(2000, 1, 1, 1) == 2  # ceil(1.2)
     assert next_batch_size(100, 10_000, 1, 1000) == 100  # capped
