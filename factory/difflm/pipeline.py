@@ -70,6 +70,7 @@ class DiffLMGenerator:
             raise ModelError(f"{path} holds a stack trained for domain {info.get('domain')!r}, not {domain.name!r}")
         if info.get("columns") != domain.spec.generated_names:
             raise ModelError(f"{path} was trained on other columns than domain {domain.name!r} generates; retrain it")
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         try:
@@ -79,7 +80,7 @@ class DiffLMGenerator:
             den = Denoiser.from_pretrained(path / "denoiser").eval()
             sampler = EDMSampler.from_pretrained(path / "denoiser")
             stats = load_file(str(path / "denoiser" / "latent_stats.safetensors"))
-        except (OSError, RuntimeError, json.JSONDecodeError, KeyError, TypeError) as e:
+        except (OSError, RuntimeError, ValueError, SafetensorError, json.JSONDecodeError, KeyError, TypeError) as e:
             raise ModelError(f"corrupt or mismatched DiffLM stack at {path}: {type(e).__name__}: {str(e)[:200]}") from None
         return cls(domain, tok, dec, inj, den, sampler, stats, path, **opts)
 
