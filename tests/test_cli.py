@@ -113,11 +113,15 @@ def test_generate_mistakes(tmp_path, db):
     assert not db.exists()  # nothing ran
 
 
-def test_finance_default_model_without_stack(db, finance):
-    if finance.model_dir.is_dir():
-        pytest.skip("a trained DiffLM stack is present")
-    assert_user_error(invoke("generate", "-d", "finance", "-n", 5, "--db", db),
+def test_difflm_without_a_stack_is_a_clear_error(db, tmp_path):
+    missing, empty = tmp_path / "nowhere", tmp_path / "empty"
+    empty.mkdir()
+    assert_user_error(invoke("generate", "-d", "finance", "-n", 5, "--db", db, "--model-dir", missing),
                       "no trained DiffLM stack at", "factory train --domain finance", "--model baseline")
+    assert_user_error(invoke("generate", "-d", "finance", "-n", 5, "--db", db, "--model-dir", empty),
+                      "missing", "factory train --domain finance", "--model baseline")
+    assert_user_error(invoke("generate", "-d", "toy", "-n", 5, "--db", db, "--model-dir", empty),
+                      "--model-dir applies to --model difflm only")
 
 
 def test_attempt_budget_exit(db):
