@@ -208,11 +208,18 @@ def _rounded(frame: pl.DataFrame, spec: TableSpec) -> pl.DataFrame:
                          else pl.col(c.name).cast(pl.String) for c in spec.columns])
 
 
+def exact_copy_mask(train: pl.DataFrame, synth: pl.DataFrame, spec: TableSpec) -> np.ndarray:
+    """For each synthetic row: is it equal to some training row on every column (numerics
+    compared at the spec's decimals, nulls equal to nulls)?"""
+    t = _rounded(train, spec).unique().with_columns(pl.lit(True).alias("_copy"))
+    s = _rounded(synth, spec)
+    joined = s.join(t, on=spec.names, how="left", nulls_equal=True, maintain_order="left")
+    return joined["_copy"].fill_null(False).to_numpy().astype(bool)
+
+
 def exact_copies(train: pl.DataFrame, synth: pl.DataFrame, spec: TableSpec) -> int:
-    """Number of synthetic rows equal to some training row on every column (numerics compared
-    at the spec's decimals, nulls equal to nulls)."""
-    t, s = _rounded(train, spec).unique(), _rounded(synth, spec)
-    return s.join(t, on=spec.names, how="semi", nulls_equal=True).height
+    """Number of synthetic rows equal to some training row on every column (see `exact_copy_mask`)."""
+    return int(exact_copy_mask(train, synth, spec).sum())
 
 
 class _Encoder:
@@ -251,18 +258,65 @@ class _Encoder:
         return np.hstack(blocks).astype(np.float32) / len(self.spec.columns)
 
 
+class DCRIndex:
+    """Distances to the closest row of a fixed training frame (the distance of `dcr`),
+    with the training rows encoded once, for repeated queries (the loop's privacy filter)."""
+
+    def __init__(self, train: pl.DataFrame, spec: TableSpec):
+        import torch
+
+        self.spec = spec
+        self.encoder = _Encoder(train, spec)
+        self.train = torch.from_numpy(self.encoder(train))
+        self._train_keys = self._keys(train).with_row_index("j")
+
+    def distances(self, other: pl.DataFrame, chunk: int = 1024) -> np.ndarray:
+        import torch
+
+        o = torch.from_numpy(self.encoder(other))
+        out = []
+        with torch.no_grad():
+            for i in range(0, o.shape[0], chunk):
+                out.append(torch.cdist(o[i:i + chunk], self.train, p=1).min(dim=1).values)
+        return torch.cat(out).numpy() if out else np.zeros(0)
+
+    def _keys(self, frame: pl.DataFrame) -> pl.DataFrame:
+        """Per row: its categorical values and which nullable numerics are null."""
+        cols = [pl.col(c.name).cast(pl.String).fill_null(NULL_TEXT).alias(f"k{i}") if isinstance(c, Categorical)
+                else pl.col(c.name).is_null().alias(f"k{i}")
+                for i, c in enumerate(self.spec.columns) if isinstance(c, Categorical) or c.nullable]
+        return frame.select(cols) if cols else frame.select(pl.lit(True).alias("k"))
+
+    def below(self, other: pl.DataFrame, threshold: float, pairs_chunk: int = 200_000) -> np.ndarray:
+        """DCR of each row of `other` where it is below `threshold`, else inf.
+
+        Exact, and fast for small thresholds: two rows that differ in a categorical value or
+        in which nullable numerics are null are at least 1/len(columns) apart, so for
+        threshold <= 1/len(columns) only training rows with the same categorical values and
+        nulls need comparing (usually none or a handful)."""
+        out = np.full(other.height, np.inf, dtype=np.float32)
+        if other.height == 0 or threshold <= 0:
+            return out
+        if threshold > 1 / len(self.spec.columns):
+            d = self.distances(other)
+            return np.where(d < threshold, d, np.inf).astype(np.float32)
+        keys = self._keys(other).with_row_index("i")
+        on = [c for c in keys.columns if c != "i"]
+        pairs = keys.join(self._train_keys, on=on, how="inner").select("i", "j")
+        if pairs.height == 0:
+            return out
+        o = self.encoder(other)
+        t = self.train.numpy()
+        ii, jj = pairs["i"].to_numpy(), pairs["j"].to_numpy()
+        for s in range(0, len(ii), pairs_chunk):
+            i, j = ii[s:s + pairs_chunk], jj[s:s + pairs_chunk]
+            np.minimum.at(out, i, np.abs(o[i] - t[j]).sum(axis=1))
+        return np.where(out < threshold, out, np.inf).astype(np.float32)
+
+
 def dcr(train: pl.DataFrame, other: pl.DataFrame, spec: TableSpec, *, chunk: int = 1024) -> np.ndarray:
     """Distance of each row of `other` to its closest row of `train` (see `_Encoder`)."""
-    import torch
-
-    enc = _Encoder(train, spec)
-    t = torch.from_numpy(enc(train))
-    o = torch.from_numpy(enc(other))
-    out = []
-    with torch.no_grad():
-        for i in range(0, o.shape[0], chunk):
-            out.append(torch.cdist(o[i:i + chunk], t, p=1).min(dim=1).values)
-    return torch.cat(out).numpy() if out else np.zeros(0)
+    return DCRIndex(train, spec).distances(other, chunk)
 
 
 def _quantiles(d: np.ndarray) -> dict:
