@@ -1,0 +1,105 @@
+"""Calibrate a domain's gate thresholds on its real held-out test split.
+
+    python -m factory.checks.calibrate --domain finance          # print
+    python -m factory.checks.calibrate --domain finance --write  # update config.json "gates"
+
+Distribution: every check is computed for the real test split against the train split
+(the same comparison a run gets). Its threshold is
+  max(floor, MARGIN x the test split's statistic)          for '<=' checks,
+  max(0, 1 - MARGIN x (1 - the test split's statistic))    for coverage ('>='),
+rounded outward to 4 decimals, MARGIN = 1.5. Floors (distribution.FLOORS) keep a column
+that the test split happens to match almost exactly from getting a zero tolerance. So the
+test split passes by construction, and any run gets at least the tolerance of a fresh
+real sample of the test split's size plus 50%; smaller runs also get the sampling bound
+(see distribution.py).
+
+Privacy: near_copy_dcr = NEAR_COPY_FACTOR (0.5) x the 1st percentile of the test split's
+DCR to train.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import replace
+
+import numpy as np
+
+from factory import __version__
+from factory.checks.base import GateConfig
+from factory.checks.distribution import FLOORS, distribution_checks
+
+MARGIN = 1.5
+NEAR_COPY_FACTOR = 0.5
+REFERENCE = "test"
+
+
+def _up(x: float) -> float:
+    return math.ceil(x * 1e4 - 1e-9) / 1e4
+
+
+def _down(x: float) -> float:
+    return math.floor(x * 1e4 + 1e-9) / 1e4
+
+
+def calibrate(domain, cfg: GateConfig | None = None, margin: float = MARGIN,
+              near_copy_factor: float = NEAR_COPY_FACTOR) -> dict:
+    """The domain's gates block: settings of `cfg`, calibrated thresholds, and the test
+    split's own statistics (for the record)."""
+    from factory.evaluate import dcr
+
+    cfg = cfg or GateConfig()
+    train, test = domain.load_split("train"), domain.load_split(REFERENCE)
+    checks = distribution_checks(test, train, domain.spec, replace(cfg, thresholds={}))
+    thresholds, stats = {}, {}
+    for c in checks:
+        if c.statistic is None:  # skipped (too few values): no calibration, the bound alone applies
+            continue
+        stats[c.name] = round(c.statistic, 6)
+        if c.direction == ">=":
+            thresholds[c.name] = max(0.0, _down(1 - margin * (1 - c.statistic)))
+        else:
+            thresholds[c.name] = max(FLOORS.get(c.kind, 0.0), _up(margin * c.statistic))
+    d = dcr(train, test, domain.spec)
+    p1 = float(np.quantile(d, 0.01)) if len(d) else 0.0
+    near = float(f"{near_copy_factor * p1:.6g}")
+    return {
+        "alpha": cfg.alpha, "min_rows": cfg.min_rows, "min_values": cfg.min_values,
+        "coverage_min_share": cfg.coverage_min_share, "ordinal": list(cfg.ordinal),
+        "calibration": {
+            "reference": REFERENCE, "n_reference": test.height, "n_train": train.height, "margin": margin,
+            "floors": FLOORS, "near_copy_factor": near_copy_factor, "reference_dcr_p1": round(p1, 6),
+            "reference_below_near_copy": int((d < near).sum()), "factory_version": __version__,
+            "reference_statistics": stats,
+        },
+        "thresholds": thresholds,
+        "privacy": {"enabled": cfg.privacy, "near_copy_dcr": near},
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    from factory.domain import load_domain
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--domain", required=True)
+    ap.add_argument("--write", action="store_true", help="update the domain's config.json gates block")
+    ap.add_argument("--margin", type=float, default=MARGIN, help=f"threshold = margin x test statistic ({MARGIN})")
+    args = ap.parse_args(argv)
+    domain = load_domain(args.domain)
+    existing = (domain.config or {}).get("gates", {})
+    cfg = GateConfig.from_dict({k: v for k, v in existing.items() if k not in ("thresholds", "privacy")})
+    gates = calibrate(domain, cfg, margin=args.margin)
+    stats = gates["calibration"]["reference_statistics"]
+    for name, thr in gates["thresholds"].items():
+        print(f"{name:40s} test {stats[name]:<10.4g} threshold {thr:.4g}")
+    print(f"near_copy_dcr {gates['privacy']['near_copy_dcr']} (test DCR p1 {gates['calibration']['reference_dcr_p1']})")
+    if args.write:
+        path = domain.root / "config.json"
+        config = json.loads(path.read_text()) if path.exists() else {}
+        config["gates"] = gates
+        path.write_text(json.dumps(config, indent=1) + "\n")
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
