@@ -1,7 +1,8 @@
 """`factory`: generate validated synthetic records, and inspect everything in DuckDB.
 
 User mistakes (unknown domain, bad file, bad --db, ...) end in one red line and
-exit code 2. Only the project's own error classes are caught: anything else is a
+exit code 2. A run refused by the distribution gate ends in one red line naming each
+failed check, and exit code 3. Only the project's own error classes are caught: anything else is a
 bug and keeps its traceback.
 """
 from __future__ import annotations
@@ -21,8 +22,11 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from factory.checks.base import GateError
+from factory.checks.gate import EXIT_CODE as GATE_EXIT_CODE
+from factory.checks.gate import GateFailed, check_rows
 from factory.domain import DomainError, available_domains, load_domain
-from factory.export import ExportError, check_target, export_run
+from factory.export import ExportError, check_target, export_run, manifest_path
 from factory.generators import GENERATORS, GeneratorError, default_model, load_generator
 from factory.inputs import InputError, read_table
 from factory.loop import AttemptBudgetExceeded, run_generation
@@ -35,7 +39,9 @@ _PIPED_WIDTH = None if sys.stdout.isatty() or "COLUMNS" in os.environ else 160
 out = Console(width=_PIPED_WIDTH)
 err = Console(stderr=True, width=_PIPED_WIDTH)
 
-USER_ERRORS = (DomainError, StoreError, ExportError, GeneratorError, InputError)
+USER_ERRORS = (DomainError, StoreError, ExportError, GeneratorError, InputError, GateError)
+ALLOW_DRIFT = typer.Option(False, "--allow-drift",
+                           help="export even if the distribution gate failed (the manifest records the override)")
 DB_OPTION = typer.Option(Path("factory.duckdb"), "--db", help="DuckDB file holding runs, records and rejections")
 
 
@@ -46,7 +52,7 @@ def fail(message: str, code: int = 2):
 
 
 def user_errors(fn):
-    """Turn the project's own errors into a one-line message and exit code 2."""
+    """Turn the project's own errors into a one-line message and exit code 2 (3 for a gate refusal)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -54,6 +60,8 @@ def user_errors(fn):
             return fn(*args, **kwargs)
         except USER_ERRORS as e:
             fail(str(e))
+        except GateFailed as e:
+            fail(str(e), code=GATE_EXIT_CODE)
 
     return wrapper
 
@@ -119,8 +127,13 @@ def generate(
     max_attempts: Optional[int] = typer.Option(None, "--max-attempts", help="give up after this many texts"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
     model_dir: Optional[Path] = typer.Option(None, "--model-dir", help="difflm: a trained stack folder (default: the domain's shipped model/)"),
+    allow_drift: bool = ALLOW_DRIFT,
 ):
-    """Generate N records that pass every rule, record the run in DuckDB, optionally export them."""
+    """Generate N records that pass every rule, record the run in DuckDB, optionally export them.
+
+    Records that copy a training row are rejected (stage 'privacy') and replaced. After the
+    run, the distribution gate compares the records with the train split; if a check fails,
+    nothing is exported and the exit code is 3, unless --allow-drift."""
     if n <= 0:
         fail(f"-n must be a positive number of records, got {n}")
     if seed < 0:
@@ -138,17 +151,22 @@ def generate(
     with Store(db) as store:
         try:
             result = run_generation(d, generator, n, seed, store, size, max_attempts=max_attempts,
-                                    progress=not quiet,
+                                    progress=not quiet, allow_drift=allow_drift,
                                     settings={"model": model or default_model(d),
                                               "model_dir": str(model_dir) if model_dir else None,
                                               **getattr(generator, "settings", {})})
         except AttemptBudgetExceeded as e:
             fail(str(e), code=1)
-        if out_path is not None:
+        refused = result.gate is not None and result.gate.blocks_export
+        if out_path is not None and not refused:
             try:
-                export_run(store, d, result.run_id, out_path, force)
+                export_run(store, d, result.run_id, out_path, force, allow_drift=allow_drift)
             except ExportError as e:
                 fail(f"{e} (the run {result.run_id} is stored; re-export with `factory export {result.run_id}`)")
+    gate = result.gate
+    gate_line = "off" if gate is None else gate.status + (
+        f" ({len(gate.failed)} of {len(gate.checks)} checks failed)" if gate.failed else
+        f" ({len(gate.checks)} checks)")
     lines = [
         ("run", result.run_id),
         ("model", f"{generator.model_id} {generator.model_version}"),
@@ -157,9 +175,10 @@ def generate(
         ("rejected", f"{result.rejected:,}"),
         ("acceptance", f"{result.acceptance_rate:.2%}"),
         ("surplus", f"{result.surplus:,}"),
+        ("gate", gate_line),
         ("wall time", f"{time.perf_counter() - started:.1f} s"),
         ("database", str(db)),
-    ] + ([("exported", str(out_path))] if out_path is not None else [])
+    ] + ([("exported", str(out_path))] if out_path is not None and not refused else [])
     table = Table(show_header=False, box=None)
     for k, v in lines:
         table.add_row(Text(k, style="bold"), v)
@@ -168,6 +187,8 @@ def generate(
         out.print("top rejection reasons (attempts):")
         for stage, rule, count in result.top_rejections:
             out.print(f"  {stage}/{rule}: {count:,}")
+    if refused:
+        raise GateFailed(result.run_id, check_rows(gate.failed))
 
 
 @app.command("export")
@@ -175,13 +196,33 @@ def generate(
 def export_cmd(run_id: str = typer.Argument(..., help="run id (see `factory runs`)"),
                out_path: Path = typer.Option(..., "--out", help=".parquet or .csv"),
                force: bool = typer.Option(False, "--force", help="overwrite --out if it exists"),
-               db: Path = DB_OPTION):
-    """Export a stored run's accepted records."""
+               db: Path = DB_OPTION,
+               allow_drift: bool = ALLOW_DRIFT):
+    """Export a stored run's accepted records, with <out>.manifest.json beside them (exit 3 if its gate failed)."""
     check_target(out_path, force)
     with Store(db, read_only=True) as store:
         d = load_domain(store.run(run_id)["domain"])
-        count = export_run(store, d, run_id, out_path, force)
-    out.print(f"wrote {count:,} records to {out_path}")
+        count = export_run(store, d, run_id, out_path, force, allow_drift=allow_drift)
+    out.print(f"wrote {count:,} records to {out_path} (manifest: {manifest_path(out_path)})")
+
+
+@app.command()
+@user_errors
+def checks(run_id: str = typer.Argument(..., help="run id (see `factory runs`)"),
+           db: Path = DB_OPTION):
+    """A run's distribution-gate checks: statistic, threshold, outcome (failed first)."""
+    with Store(db, read_only=True) as store:
+        run = store.run(run_id)
+        df = store.checks(run_id)
+    out.print(f"run {run_id}: gate {run['gate'] or 'not run'}, status {run['status']}")
+    if not df.height:
+        return
+    fmt = lambda v: None if v is None else f"{v:.4g}"  # noqa: E731
+    df = df.with_columns(pl.col("statistic").map_elements(fmt, return_dtype=pl.String),
+                         pl.col("threshold").map_elements(fmt, return_dtype=pl.String))
+    print_frame(df.select(pl.col("check_name").alias("check"), pl.col("column_names").alias("columns"),
+                          "statistic", pl.col("direction").alias("must be"), "threshold", "status", "detail"),
+                no_wrap=("check",))
 
 
 @app.command()
@@ -197,7 +238,7 @@ def runs(db: Path = DB_OPTION):
         "run_id", pl.col("model_id").alias("model"), "seed",
         pl.col("requested_n").alias("n"), "accepted", "attempted",
         (pl.col("accepted") / pl.col("attempted")).map_elements(lambda r: f"{r:.2%}", return_dtype=pl.String)
-        .alias("acceptance"), "status",
+        .alias("acceptance"), "status", "gate",
         ((pl.col("finished_at") - pl.col("started_at")).dt.total_milliseconds() / 1000).round(1).alias("seconds"))
     print_frame(df, title=f"runs in {db} (all times UTC; see `factory sql` for more)", no_wrap=("run_id",))
 
@@ -212,8 +253,9 @@ def rejections(run_id: str = typer.Argument(..., help="run id (see `factory runs
         run = store.run(run_id)
         counts = store.rejection_counts(run_id)
         samples = store.frame(
-            "SELECT stage, rule, attempt_id, raw_text FROM rejections WHERE run_id = ? AND rule IN "
-            "(SELECT rule FROM rejections WHERE run_id = ? GROUP BY rule ORDER BY count(*) DESC, rule LIMIT ?) "
+            "SELECT stage, rule, attempt_id, raw_text FROM rejections WHERE run_id = ? AND attempt_id IS NOT NULL "
+            "AND rule IN (SELECT rule FROM rejections WHERE run_id = ? AND attempt_id IS NOT NULL "
+            "GROUP BY rule ORDER BY count(*) DESC, rule LIMIT ?) "
             "QUALIFY row_number() OVER (PARTITION BY rule ORDER BY attempt_id) = 1 ORDER BY attempt_id",
             [run_id, run_id, examples])
     out.print(f"run {run_id}: {run['rejected']:,} of {run['attempted']:,} attempts rejected "

@@ -4,10 +4,16 @@ Accounting, per run:
 - every generated text gets an attempt id (its index within the run);
 - a text is *accepted* (a row of `<domain>.records`, record_id = attempt id) or
   *rejected* (one `rejections` row per failing rule) — attempted = accepted + rejected;
+- a record that passes every rule but copies (or nearly copies) a training row is
+  rejected too, with stage 'privacy' (factory/checks/privacy.py), so the loop tops up;
 - valid texts that arrive after the n-th acceptance (in the last batch) are
   *surplus*: counted, not stored, and not attempts.
 A run is deterministic for (seed, generator, batch_size): batch b is generated
 with a seed derived from (seed, b), and batch sizes depend only on acceptance so far.
+
+After the loop, the distribution gate (factory/checks/gate.py) compares the accepted
+records with the train split; a failed gate leaves the run with status 'gate_failed'
+unless `allow_drift`.
 """
 from __future__ import annotations
 
@@ -23,6 +29,8 @@ import polars as pl
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from factory.checks.gate import GateResult, run_gate
+from factory.checks.privacy import PrivacyFilter
 from factory.domain import Domain
 from factory.generators import Generator
 from factory.store import Store
@@ -47,6 +55,7 @@ class RunResult:
     batches: int
     seconds: float
     top_rejections: list[tuple[str, str, int]] = field(default_factory=list)  # (stage, rule, attempts)
+    gate: GateResult | None = None  # None when gates are off
 
     @property
     def acceptance_rate(self) -> float:
@@ -86,8 +95,10 @@ def _progress(enabled: bool) -> Progress:
 
 def run_generation(domain: Domain, generator: Generator, n: int, seed: int, store: Store, batch_size: int,
                    max_attempts: int | None = None, progress: bool = True, settings: dict | None = None,
-                   run_id: str | None = None) -> RunResult:
-    """Generate until exactly n records pass every rule; record everything in `store`."""
+                   run_id: str | None = None, gates: bool = True, allow_drift: bool = False) -> RunResult:
+    """Generate until exactly n records pass every rule (and the privacy filter); record
+    everything in `store`; then run the distribution gate. `gates=False` turns off both
+    the privacy filter and the distribution gate (runs.gate stays NULL)."""
     if n <= 0:
         raise ValueError(f"n must be positive, got {n}")
     if batch_size <= 0:
@@ -97,6 +108,8 @@ def run_generation(domain: Domain, generator: Generator, n: int, seed: int, stor
     max_attempts = default_max_attempts(n) if max_attempts is None else max_attempts
     run_id = run_id or new_run_id(domain)
     gen_cols = domain.spec.generated_names
+    privacy = PrivacyFilter.for_domain(domain) if gates else None
+    gate = None
     store.start_run(run_id, domain, generator.model_id, generator.model_version, seed, n, batch_size,
                     {"max_attempts": max_attempts, **(settings or {})})
     accepted = rejected = surplus = generated = valid_seen = batch = 0
@@ -113,7 +126,7 @@ def run_generation(domain: Domain, generator: Generator, n: int, seed: int, stor
                 if len(texts) != k:
                     raise RuntimeError(f"generator {generator.model_id} returned {len(texts)} texts, asked for {k}")
                 records, rejections, n_valid, n_taken = _judge(domain, gen_cols, texts, run_id, batch, generated,
-                                                               n - accepted)
+                                                               n - accepted, privacy)
                 n_rejected = rejections["attempt_id"].n_unique() if rejections.height else 0
                 accepted += n_taken
                 rejected += n_rejected
@@ -126,17 +139,20 @@ def run_generation(domain: Domain, generator: Generator, n: int, seed: int, stor
                 batch += 1
                 bar.update(task, completed=accepted, attempted=accepted + rejected,
                            rate=accepted / max(1, accepted + rejected))
-        status = "succeeded"
+        if gates:
+            gate = run_gate(store, domain, run_id, allow_drift)
+        status = "gate_failed" if gate is not None and gate.blocks_export else "succeeded"
     finally:
         store.finish_run(run_id, status)
     top = [(r["stage"], r["rule"], r["attempts"]) for r in store.rejection_counts(run_id, limit=5).to_dicts()]
     return RunResult(run_id, n, accepted, accepted + rejected, rejected, surplus, batch,
-                     time.perf_counter() - started, top)
+                     time.perf_counter() - started, top, gate)
 
 
 def _judge(domain: Domain, gen_cols: list[str], texts: list[str], run_id: str, batch: int, first_attempt: int,
-           wanted: int) -> tuple[pl.DataFrame, pl.DataFrame, int, int]:
-    """Parse, complete and validate one batch (vectorized).
+           wanted: int, privacy: PrivacyFilter | None = None) -> tuple[pl.DataFrame, pl.DataFrame, int, int]:
+    """Parse, complete and validate one batch (vectorized); rule-valid records then go
+    through the privacy filter.
 
     Returns (records to store, rejection rows, number of valid texts, number of records taken).
     """
@@ -149,6 +165,15 @@ def _judge(domain: Domain, gen_cols: list[str], texts: list[str], run_id: str, b
     full = domain.complete(frame)
     validation = domain.validator.validate(full)
     valid_rows = full.with_columns(attempt_ids).filter(validation.valid)
+    privacy_rows = parse_rows.clear()
+    if privacy is not None and valid_rows.height:
+        bad = privacy.judge(valid_rows)
+        if bad.height:
+            privacy_rows = bad.select(valid_rows["attempt_id"].gather(bad["row"]).alias("attempt_id"),
+                                      pl.lit("privacy").alias("stage"), "rule", "message")
+            keep = np.ones(valid_rows.height, dtype=bool)
+            keep[bad["row"].to_numpy()] = False
+            valid_rows = valid_rows.filter(pl.Series(keep))
     n_valid = valid_rows.height
     taken = valid_rows.head(wanted)
     records = taken.select(
@@ -156,7 +181,7 @@ def _judge(domain: Domain, gen_cols: list[str], texts: list[str], run_id: str, b
         *domain.spec.names)
     rule_rows = validation.failures.select(
         attempt_ids.gather(validation.failures["row"]).alias("attempt_id"), "stage", "rule", "message")
-    rejections = pl.concat([parse_rows, rule_rows]).sort("attempt_id", maintain_order=True)
+    rejections = pl.concat([parse_rows, rule_rows, privacy_rows]).sort("attempt_id", maintain_order=True)
     raw = pl.Series("raw_text", texts, dtype=pl.String).gather(rejections["attempt_id"] - first_attempt)
     rejections = rejections.with_columns(
         raw, pl.lit(run_id).alias("run_id"), pl.lit(batch, pl.Int64).alias("batch")).select(list(REJECTION_SCHEMA))

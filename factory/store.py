@@ -18,7 +18,7 @@ import polars as pl
 from factory import __version__
 from factory.domain import Domain
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"  # 2: checks table, runs.gate, gate_failed status, run-level rejections
 DDL_PATH = Path(__file__).resolve().parent.parent / "schemas" / "ddl.sql"
 RESERVED_SCHEMAS = {"main", "temp", "information_schema", "pg_catalog", "system", "memory"}
 _IDENT = re.compile(r"[a-z_][a-z0-9_]*\Z")
@@ -176,6 +176,32 @@ class Store:
     def finish_run(self, run_id: str, status: str) -> None:
         self.con.execute("UPDATE runs SET status = ?, finished_at = ? WHERE run_id = ?", [status, _now(), run_id])
 
+    def write_gate(self, run_id: str, gate: str, checks: list[dict], rejections: list[dict]) -> None:
+        """A run's gate outcome, its checks (replacing any earlier ones) and its run-level
+        rejections (stage 'distribution', no attempt), atomically.
+        `checks`: dicts with the columns of the checks table (check_name, column_names, ...);
+        `rejections`: dicts with rule and message."""
+        self.con.begin()
+        try:
+            self.con.execute("DELETE FROM checks WHERE run_id = ?", [run_id])
+            self.con.execute("DELETE FROM rejections WHERE run_id = ? AND stage = 'distribution'", [run_id])
+            if checks:
+                self.con.executemany(
+                    "INSERT INTO checks (run_id, check_name, column_names, statistic, threshold, direction, status, "
+                    "passed, detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [[run_id, c["check_name"], c["column_names"], c["statistic"], c["threshold"], c["direction"],
+                      c["status"], c["passed"], c["detail"]] for c in checks])
+            if rejections:
+                self.con.executemany(
+                    "INSERT INTO rejections (run_id, attempt_id, batch, stage, rule, message, raw_text) "
+                    "VALUES (?, NULL, NULL, 'distribution', ?, ?, NULL)",
+                    [[run_id, r["rule"], r["message"]] for r in rejections])
+            self.con.execute("UPDATE runs SET gate = ? WHERE run_id = ?", [gate, run_id])
+            self.con.commit()
+        except BaseException:
+            self.con.rollback()
+            raise
+
     # ---- reads -------------------------------------------------------------------------------
     def frame(self, sql: str, params: list | None = None) -> pl.DataFrame:
         return self.con.sql(sql, params=params or None).pl()
@@ -197,6 +223,11 @@ class Store:
         cols = ", ".join(f'"{n}"' for n in domain.spec.names)
         df = self.frame(f'SELECT {cols} FROM "{s}".records WHERE run_id = ? ORDER BY record_id', [run_id])
         return df.cast(domain.spec.polars_schema(), strict=True)
+
+    def checks(self, run_id: str) -> pl.DataFrame:
+        """A run's gate checks: failed first, then by name."""
+        return self.frame("SELECT * EXCLUDE (run_id) FROM checks WHERE run_id = ? "
+                          "ORDER BY status = 'failed' DESC, status = 'skipped', check_name", [run_id])
 
     def rejection_counts(self, run_id: str, limit: int | None = None) -> pl.DataFrame:
         """Failing attempts per (stage, rule), most frequent first."""

@@ -1,4 +1,4 @@
--- The factory's DuckDB store (schema version 1; bump factory.store.SCHEMA_VERSION on any change).
+-- The factory's DuckDB store (schema version 2; bump factory.store.SCHEMA_VERSION on any change).
 -- Static tables live in `main`. Each domain also gets a schema named after it holding
 -- `<domain>.records` (one typed column per spec column) and a `<domain>.lineage` view;
 -- those are derived from the domain's TableSpec by factory/store.py.
@@ -23,7 +23,11 @@ CREATE TABLE runs (
     settings VARCHAR NOT NULL,          -- JSON text: everything else that shaped the run
     started_at TIMESTAMP NOT NULL,
     finished_at TIMESTAMP,
-    status VARCHAR NOT NULL CHECK (status IN ('running', 'succeeded', 'failed')),
+    -- 'gate_failed': every record was generated and stored, but the distribution gate
+    -- failed (see `checks`) and the run was not overridden, so it is not exported.
+    status VARCHAR NOT NULL CHECK (status IN ('running', 'succeeded', 'failed', 'gate_failed')),
+    -- distribution gate outcome; NULL when no gate ran (a failed run, or gates turned off)
+    gate VARCHAR CHECK (gate IN ('passed', 'failed', 'overridden', 'skipped')),
     attempted BIGINT NOT NULL DEFAULT 0,  -- = accepted + rejected (distinct attempt ids)
     accepted BIGINT NOT NULL DEFAULT 0,
     rejected BIGINT NOT NULL DEFAULT 0,
@@ -31,13 +35,36 @@ CREATE TABLE runs (
 );
 
 -- One row per failing rule per attempt: a text that breaks three rules has three rows.
--- attempt_id is the index of the generated text within its run.
+-- attempt_id is the index of the generated text within its run. Stage 'privacy' rows
+-- (rule exact_copy / near_copy) reject single records like rule failures. Stage
+-- 'distribution' rows reject a whole run (one per failed gate check, rule = check name):
+-- they have attempt_id, batch and raw_text NULL and are not counted in runs.rejected.
 CREATE TABLE rejections (
     run_id VARCHAR NOT NULL,
-    attempt_id BIGINT NOT NULL,
-    batch BIGINT NOT NULL,
+    attempt_id BIGINT,
+    batch BIGINT,
     stage VARCHAR NOT NULL CHECK (stage IN ('parse', 'schema', 'rule', 'distribution', 'privacy')),
     rule VARCHAR NOT NULL,
     message VARCHAR NOT NULL,
-    raw_text VARCHAR NOT NULL
+    raw_text VARCHAR,
+    CHECK ((stage = 'distribution') = (attempt_id IS NULL)),
+    CHECK (attempt_id IS NULL OR (batch IS NOT NULL AND raw_text IS NOT NULL))
+);
+
+-- One row per distribution-gate check per run (factory/checks/distribution.py): the
+-- statistic of the run's records against the train split, and the threshold it met or not.
+-- direction '<=': the statistic must not exceed the threshold; '>=': it must reach it.
+-- A skipped check (too few records or values) has statistic and passed NULL and says why.
+CREATE TABLE checks (
+    run_id VARCHAR NOT NULL,
+    check_name VARCHAR NOT NULL,        -- stable: ks:<col>, q05/q50/q95:<col>, tvd:<col>, coverage:<col>, corr:max
+    column_names VARCHAR NOT NULL,      -- comma-separated
+    statistic DOUBLE,
+    threshold DOUBLE,
+    direction VARCHAR NOT NULL CHECK (direction IN ('<=', '>=')),
+    status VARCHAR NOT NULL CHECK (status IN ('passed', 'failed', 'skipped')),
+    passed BOOLEAN,                     -- NULL when skipped
+    detail VARCHAR NOT NULL,
+    PRIMARY KEY (run_id, check_name),
+    CHECK ((status = 'skipped') = (passed IS NULL))
 );

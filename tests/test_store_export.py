@@ -41,7 +41,7 @@ def test_other_schema_version(tmp_path):
     con = duckdb.connect(str(path))
     con.execute("UPDATE meta SET value = '0' WHERE key = 'schema_version'")
     con.close()
-    with pytest.raises(StoreError, match="schema version 0, this factory needs 1"):
+    with pytest.raises(StoreError, match=f"schema version 0, this factory needs {SCHEMA_VERSION}"):
         Store(path)
 
 
