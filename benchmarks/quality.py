@@ -61,25 +61,31 @@ def main():
     results = {}
     for variant in args.variants:
         gen = make_generator(domain, variant, model_dir)
-        t = time.time()
-        texts = gen.generate(args.n, args.seed)
-        gen_s = time.time() - t
-        parsed, _, errors = domain.serializer.parse_many(texts, domain.spec.generated_names)
-        full = domain.complete(parsed)
-        v = domain.validator.validate(full)
-        accepted = full.filter(v.valid)
-        fails = v.first_failure().group_by("rule").len().sort("len", descending=True)
-        if accepted.height < 100:  # too few valid records to measure quality meaningfully
-            raise SystemExit(f"[{variant}] only {accepted.height} of {args.n} decodes pass every rule: "
-                             f"top reasons {fails.head(5).rows()}")
+        # raw decodes in chunks of n until n pass every rule (the baseline needs ~50 chunks)
+        raw = n_errors = 0
+        gen_s, accepted_parts, fail_parts = 0.0, [], []
+        while sum(a.height for a in accepted_parts) < args.n and raw < 100 * args.n:
+            t = time.time()
+            texts = gen.generate(args.n, args.seed + raw)
+            gen_s += time.time() - t
+            parsed, _, errors = domain.serializer.parse_many(texts, domain.spec.generated_names)
+            full = domain.complete(parsed)
+            v = domain.validator.validate(full)
+            accepted_parts.append(full.filter(v.valid))
+            fail_parts.append(v.first_failure().select("rule"))
+            raw, n_errors = raw + args.n, n_errors + len(errors)
+        all_accepted = pl.concat(accepted_parts)
+        accepted = all_accepted.head(args.n)
+        fails = pl.concat(fail_parts).group_by("rule").len().sort("len", descending=True)
         e = ev.evaluate(domain, accepted, train, test, real_mle=real_mle)
         results[variant] = {
-            "raw_decodes": args.n, "generate_s": round(gen_s, 1), "records_per_s": round(args.n / gen_s, 1),
-            "parse_rate": 1 - len(errors) / args.n, "first_pass_validity": accepted.height / args.n,
+            "raw_decodes": raw, "generate_s": round(gen_s, 1), "records_per_s": round(raw / gen_s, 1),
+            "parse_rate": 1 - n_errors / raw, "first_pass_validity": all_accepted.height / raw,
             "top_rejections": dict(zip(fails["rule"].head(6).to_list(), fails["len"].head(6).to_list())),
+            "evaluated_rows": accepted.height,
             "model_version": getattr(gen, "model_version", ""), **e}
         q = e["quality"]
-        print(f"[{variant}] {args.n / gen_s:.0f} rec/s parse {results[variant]['parse_rate']:.3f} "
+        print(f"[{variant}] {raw / gen_s:.0f} rec/s parse {results[variant]['parse_rate']:.3f} "
               f"valid {results[variant]['first_pass_validity']:.3f} shapes {q['column_shapes']:.3f} "
               f"trends {q['column_pair_trends']:.3f} mle {e['mle']['ratio']}", flush=True)
     REPORTS.mkdir(parents=True, exist_ok=True)
@@ -87,8 +93,10 @@ def main():
     (REPORTS / f"quality_{args.domain}.json").write_text(json.dumps(out, indent=1, default=str))
     md = header(f"Quality of the {args.domain} DiffLM stack (accepted records vs the held-out test split)",
                 "python benchmarks/quality.py " + " ".join(sys.argv[1:]), info)
-    md += ("\nEach row: the same n raw decodes (same seed); quality, MLE and privacy are computed on the "
-           "decodes that pass every rule, i.e. what the factory exports.\n\n"
+    md += ("\nEach row: raw decodes in chunks of n (same seeds) until n pass every rule; parse rate and "
+           "first-pass validity are over all raw decodes; quality, MLE and privacy are computed on the first n "
+           "decodes that pass every rule, i.e. what the factory exports. rec/s is raw decodes per second "
+           "(generation only, one thread).\n\n"
            "| variant | rec/s | parse rate | first-pass validity | column shapes | pair trends | "
            "MLE ratios (synthetic-trained / real-trained) | exact copies | DCR median (synth) | DCR median (real test) |\n"
            "|---|---|---|---|---|---|---|---|---|---|\n")

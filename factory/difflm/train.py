@@ -51,6 +51,7 @@ class TrainConfig:
     beta_factor: float = 0.7
     beta_min: float = 1e-3
     beta_patience: int = 1  # epochs without val-recon improvement before beta drops
+    stall_tol: float = 0.0  # "stalled" = val recon fell by less than this fraction (0: did not fall at all)
     vae_patience: int = 3  # early stopping
     # stage 3: diffusion
     diffusion_steps: int = 3000
@@ -236,14 +237,17 @@ class Trainer:
             tr = (sums / len(ids_tr)).tolist()
             self.log({"stage": "vae", "epoch": epoch + 1, "beta": beta, "train_recon": tr[0], "train_kl": tr[1],
                       "val_recon": vr, "val_kl": vk, "val_recon_per_token": vr / self.tok.length})
-            if vr < best_rec - 1e-3:
-                best_rec, since_best, since_beta = vr, 0, 0
-                best_state = {"enc": {k: v.clone() for k, v in enc.trainable_state().items()},
-                              "inj": {k: v.clone() for k, v in inj.state_dict().items()}}
+            improved = vr < best_rec
+            if vr < best_rec * (1 - cfg.stall_tol):
+                since_best, since_beta = 0, 0
             else:
                 since_best, since_beta = since_best + 1, since_beta + 1
                 if since_beta >= cfg.beta_patience and beta > cfg.beta_min:
                     beta, since_beta = max(cfg.beta_min, beta * cfg.beta_factor), 0
+            if improved:  # keep the best checkpoint even when the gain is below the stall tolerance
+                best_rec = vr
+                best_state = {"enc": {k: v.clone() for k, v in enc.trainable_state().items()},
+                              "inj": {k: v.clone() for k, v in inj.state_dict().items()}}
             self._save_ckpt("vae", {"enc": enc.state_dict(), "inj": inj.state_dict(), "opt": opt.state_dict(),
                                     "rng": g.get_state(), "epoch": epoch, "beta": beta, "best_rec": best_rec,
                                     "best_state": best_state, "since_best": since_best, "since_beta": since_beta})
