@@ -35,24 +35,28 @@ def run_cli(domain: str, n: int, seed: int, model: str | None, work: Path) -> di
     cmd = [sys.executable, "-m", "factory", "generate", "--domain", domain, "-n", str(n), "--seed", str(seed),
            "--db", str(db), "--out", str(out), "--quiet"] + (["--model", model] if model else [])
     t = time.time()
-    subprocess.run(cmd, check=True)
+    rc = subprocess.run(cmd).returncode  # 3 = the distribution gate refused the run: report it
     wall = time.time() - t
+    if rc not in (0, 3):
+        raise SystemExit(f"factory generate failed with exit code {rc}")
     rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20  # the only child so far
     con = duckdb.connect(str(db), read_only=True)
-    run = con.execute("SELECT run_id, model_id, model_version, attempted, accepted, rejected, surplus, settings "
-                      "FROM runs").fetchone()
+    run = con.execute("SELECT run_id, model_id, model_version, attempted, accepted, rejected, surplus, settings, "
+                      "gate FROM runs").fetchone()
+    failed_checks = con.execute("SELECT check_name, statistic, threshold FROM checks WHERE status = 'failed'").fetchall()
     stages = dict(con.execute("SELECT stage, count(DISTINCT attempt_id) FROM rejections GROUP BY stage").fetchall())
     rules = con.execute("SELECT rule, count(DISTINCT attempt_id) c FROM rejections GROUP BY rule ORDER BY c DESC "
                         "LIMIT 8").fetchall()
     con.close()
-    _, model_id, version, attempted, accepted, rejected, surplus, settings = run
+    _, model_id, version, attempted, accepted, rejected, surplus, settings, gate = run
     return {"command": " ".join(["factory"] + cmd[3:]), "wall_s": round(wall, 1), "peak_rss_gib": round(rss, 2),
             "model": f"{model_id} {version}", "settings": json.loads(settings) if settings else {},
             "accepted": accepted, "attempted": attempted, "rejected": rejected, "surplus": surplus,
             "records_per_s": round(accepted / wall, 1), "attempts_per_accepted": round(attempted / accepted, 4),
             "first_pass_validity": round(accepted / attempted, 4), "parse_rejections": stages.get("parse", 0),
             "rejections_by_stage": stages, "top_rules": dict(rules),
-            "export_bytes": out.stat().st_size,
+            "gate": gate, "failed_checks": failed_checks, "exit_code": rc,
+            "export_bytes": out.stat().st_size if out.exists() else None,
             "meets_targets": {"wall_le_600s": wall <= TARGET_S, "rss_lt_4gib": rss < TARGET_RSS_GIB,
                               "zero_parse_rejections": stages.get("parse", 0) == 0,
                               "first_pass_validity_ge_95": accepted / attempted >= 0.95}}
@@ -124,6 +128,7 @@ def main():
            f"| attempts per accepted record | {f['attempts_per_accepted']} | |\n"
            f"| first-pass rule validity | {f['first_pass_validity']:.2%} | >= 95% |\n"
            f"| parse rejections | {f['parse_rejections']} | 0 |\n"
+           f"| distribution gate | {f['gate']} {f['failed_checks'] or ''} | passed |\n"
            f"| model | {f['model']} | |\n| settings | `{json.dumps(f['settings'])}` | |\n"
            f"\nRejections by stage: {f['rejections_by_stage']}; top rules: {f['top_rules']}\n")
     if args.references:
