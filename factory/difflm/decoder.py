@@ -40,7 +40,22 @@ class DecoderConfig:
     seq_len: int = 0  # record tokens, set from the tokenizer
 
 
-class DomainDecoder(nn.Module):
+class FrozenLM(nn.Module):
+    """What every DiffLM decoder shares: an `lm` whose input embeddings take the soft prompt."""
+
+    lm: nn.Module
+
+    def freeze(self):
+        for p in self.parameters():
+            p.requires_grad_(False)
+        self.eval()
+        return self
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.lm.get_input_embeddings()(ids)
+
+
+class DomainDecoder(FrozenLM):
     def __init__(self, cfg: DecoderConfig):
         super().__init__()
         self.cfg = cfg
@@ -56,15 +71,6 @@ class DomainDecoder(nn.Module):
     @property
     def hidden_size(self) -> int:
         return self.cfg.hidden_size
-
-    def freeze(self):
-        for p in self.parameters():
-            p.requires_grad_(False)
-        self.eval()
-        return self
-
-    def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.lm.get_input_embeddings()(ids)
 
     def forward_prompted(self, prompt: torch.Tensor | None, ids: torch.Tensor) -> torch.Tensor:
         """Teacher forcing. prompt [B,k,H] (None = null prompt), ids [B,L] -> per-row NLL summed over tokens [B]."""

@@ -26,6 +26,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .decoder import FrozenLM
+
 CONFIG_NAME = "text_decoder_config.json"
 PROMPT_NAME = "text_decoder_null_prompt.safetensors"
 
@@ -64,7 +66,7 @@ def _cache(out):
     return out.cache if "cache" in out else out.past_key_values
 
 
-class TextDecoder(nn.Module):
+class TextDecoder(FrozenLM):
     def __init__(self, cfg: TextDecoderConfig, lm=None, tokenizer=None):
         super().__init__()
         self.cfg = cfg
@@ -100,15 +102,6 @@ class TextDecoder(nn.Module):
     @property
     def hidden_size(self) -> int:
         return self.lm.get_input_embeddings().embedding_dim
-
-    def freeze(self):
-        for p in self.parameters():
-            p.requires_grad_(False)
-        self.eval()
-        return self
-
-    def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.lm.get_input_embeddings()(ids)
 
     def tokenize_records(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Record texts -> ids [B, L] (text tokens + EOS, right-padded), mask [B, L] (1 = real token).
