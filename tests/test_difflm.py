@@ -239,3 +239,38 @@ def test_infeasible_constraints_fall_back_to_the_schema_and_the_rule_rejects(fin
     ids = _decode_with(tok, lambda t, g, B: torch.randn(B, tok.vocab_size, generator=g), B=200)
     frame, errors = parse_all(finance, tok.to_texts(ids))
     assert errors == [] and frame.height == 200
+
+
+# ---- encoder ------------------------------------------------------------------------------------
+def test_encoder_split_is_exact_trains_lora_only_and_round_trips(finance, tmp_path):
+    from factory.difflm.encoder import EncoderConfig, RecordEncoder, values_text
+
+    torch.manual_seed(0)
+    enc = RecordEncoder(EncoderConfig(lora_layers=1, latent_dim=6, max_length=64)).eval()
+    rows = finance.load_split("val").head(4).iter_rows(named=True)
+    texts = [values_text(r, finance.spec, finance.spec.generated_names) for r in rows]
+    hidden, mask = enc.encode_frozen(texts)
+    # cached bottom layers + top layer == the whole encoder (LoRA B starts at 0)
+    with torch.no_grad():
+        full = enc.bert(**enc.tokenize(texts)).last_hidden_state
+        ext = enc._ext_mask(mask, hidden.dtype)
+        top = enc.bert.encoder.layer[-1](hidden, attention_mask=ext)
+        top = top[0] if isinstance(top, tuple) else top
+    assert torch.allclose(top, full, atol=1e-5)
+    mu, logvar = enc.forward_top(hidden, mask)
+    assert mu.shape == logvar.shape == (4, 6)
+    trainable = {n for n, p in enc.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n or n.startswith("head.") for n in trainable)
+    assert all(".layer.5." in n for n in trainable if "lora_" in n)  # only the top layer is adapted
+    with torch.no_grad():  # make the adapter non-trivial, then round-trip it
+        for n, p in enc.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.05)
+        mu, _ = enc.forward_top(hidden, mask)
+    enc.save_pretrained(tmp_path)
+    assert (tmp_path / "encoder_adapter.safetensors").stat().st_size < 1_000_000  # adapter, not the base model
+    back = RecordEncoder.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert torch.allclose(back.forward_top(*back.encode_frozen(texts))[0], mu, atol=1e-5)
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    assert torch.equal(enc.sample(mu, _, g1), enc.sample(mu, _, g2))
