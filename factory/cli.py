@@ -7,6 +7,7 @@ bug and keeps its traceback.
 """
 from __future__ import annotations
 
+import json
 import functools
 import importlib.util
 import os
@@ -29,7 +30,7 @@ from factory.domain import DomainError, available_domains, load_domain
 from factory.export import ExportError, check_target, export_run, manifest_path
 from factory.generators import GENERATORS, GeneratorError, default_model, load_generator
 from factory.inputs import InputError, read_table
-from factory.loop import AttemptBudgetExceeded, run_generation
+from factory.loop import AttemptBudgetExceeded, ResumeError, resume_generation, run_generation
 from factory.store import Store, StoreError
 
 app = typer.Typer(name="factory", help=__doc__.split("\n")[0], no_args_is_help=True, add_completion=False,
@@ -116,8 +117,8 @@ def validate(file: Path = typer.Argument(..., help="CSV or Parquet file with the
 @app.command()
 @user_errors
 def generate(
-    domain: str = typer.Option(..., "--domain", "-d", help="domain to generate"),
-    n: int = typer.Option(..., "-n", help="number of valid records to produce"),
+    domain: Optional[str] = typer.Option(None, "--domain", "-d", help="domain to generate"),
+    n: Optional[int] = typer.Option(None, "-n", help="number of valid records to produce"),
     seed: int = typer.Option(0, "--seed", help="run seed; same seed, model and batch size give the same records"),
     model: Optional[str] = typer.Option(None, "--model", help=f"one of {', '.join(GENERATORS)}; default: the domain's"),
     db: Path = DB_OPTION,
@@ -128,12 +129,19 @@ def generate(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
     model_dir: Optional[Path] = typer.Option(None, "--model-dir", help="difflm: a trained stack folder (default: the domain's shipped model/)"),
     allow_drift: bool = ALLOW_DRIFT,
+    resume: Optional[str] = typer.Option(None, "--resume", help="continue an interrupted run (its settings are reused)"),
 ):
     """Generate N records that pass every rule, record the run in DuckDB, optionally export them.
 
     Records that copy a training row are rejected (stage 'privacy') and replaced. After the
     run, the distribution gate compares the records with the train split; if a check fails,
     nothing is exported and the exit code is 3, unless --allow-drift."""
+    if resume is not None:
+        if domain is not None or n is not None or model is not None or model_dir is not None or batch_size is not None:
+            fail("--resume reuses the run's own domain, n, seed, model and batch size; do not pass them")
+        return _resume(resume, db, out_path, force, quiet, allow_drift)
+    if domain is None or n is None:
+        fail("generate needs --domain and -n (or --resume RUN_ID)")
     if n <= 0:
         fail(f"-n must be a positive number of records, got {n}")
     if seed < 0:
@@ -157,12 +165,36 @@ def generate(
                                               **getattr(generator, "settings", {})})
         except AttemptBudgetExceeded as e:
             fail(str(e), code=1)
-        refused = result.gate is not None and result.gate.blocks_export
-        if out_path is not None and not refused:
-            try:
-                export_run(store, d, result.run_id, out_path, force, allow_drift=allow_drift)
-            except ExportError as e:
-                fail(f"{e} (the run {result.run_id} is stored; re-export with `factory export {result.run_id}`)")
+        _finish(store, d, generator, result, n, out_path, force, allow_drift, db, started)
+
+
+def _resume(run_id: str, db: Path, out_path: Optional[Path], force: bool, quiet: bool, allow_drift: bool):
+    if not Path(db).exists():
+        fail(f"no database at {db}")
+    if out_path is not None:
+        check_target(out_path, force)
+    started = time.perf_counter()
+    with Store(db) as store:
+        run = store.run(run_id)
+        d = load_domain(run["domain"])
+        settings = json.loads(run["settings"]) if isinstance(run["settings"], str) else (run["settings"] or {})
+        generator = load_generator(d, settings.get("model"), model_dir=settings.get("model_dir"))
+        try:
+            result = resume_generation(d, generator, store, run_id, progress=not quiet, allow_drift=allow_drift)
+        except ResumeError as e:
+            fail(str(e))
+        except AttemptBudgetExceeded as e:
+            fail(str(e), code=1)
+        _finish(store, d, generator, result, run["requested_n"], out_path, force, allow_drift, db, started)
+
+
+def _finish(store, d, generator, result, n, out_path, force, allow_drift, db, started):
+    refused = result.gate is not None and result.gate.blocks_export
+    if out_path is not None and not refused:
+        try:
+            export_run(store, d, result.run_id, out_path, force, allow_drift=allow_drift)
+        except ExportError as e:
+            fail(f"{e} (the run {result.run_id} is stored; re-export with `factory export {result.run_id}`)")
     gate = result.gate
     gate_line = "off" if gate is None else gate.status + (
         f" ({len(gate.failed)} of {len(gate.checks)} checks failed)" if gate.failed else

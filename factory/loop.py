@@ -17,6 +17,7 @@ unless `allow_drift`.
 """
 from __future__ import annotations
 
+import json
 import math
 import secrets
 import sys
@@ -107,17 +108,58 @@ def run_generation(domain: Domain, generator: Generator, n: int, seed: int, stor
         raise ValueError(f"seed must be >= 0, got {seed}")
     max_attempts = default_max_attempts(n) if max_attempts is None else max_attempts
     run_id = run_id or new_run_id(domain)
+    store.start_run(run_id, domain, generator.model_id, generator.model_version, seed, n, batch_size,
+                    {"max_attempts": max_attempts, "gates": gates, **(settings or {})})
+    return _drive(domain, generator, store, run_id, n, seed, batch_size, max_attempts, progress, gates, allow_drift,
+                  accepted=0, rejected=0, surplus=0, batch=0)
+
+
+class ResumeError(ValueError):
+    pass
+
+
+def resume_generation(domain: Domain, generator: Generator, store: Store, run_id: str, progress: bool = True,
+                      allow_drift: bool = False) -> RunResult:
+    """Continue a run that was interrupted (killed, crashed) to exactly its requested n.
+
+    Every batch was committed with the run's counters in one transaction, so the stored
+    counters are exact, and batch b's texts depend only on (seed, b) and the acceptance
+    seen so far, which the counters give back (valid texts = accepted + surplus,
+    generated = attempted + surplus). The resumed run therefore stores exactly what an
+    uninterrupted run with the same seed would have stored.
+    """
+    run = store.run(run_id)
+    if run["domain"] != domain.name:
+        raise ResumeError(f"run {run_id} is a {run['domain']!r} run, not {domain.name!r}")
+    if run["status"] not in ("running", "failed"):
+        raise ResumeError(f"run {run_id} has status {run['status']!r}; only an interrupted run can be resumed")
+    if (run["model_id"], run["model_version"]) != (generator.model_id, generator.model_version):
+        raise ResumeError(f"run {run_id} was made by {run['model_id']} {run['model_version']}, but the model now "
+                          f"loaded is {generator.model_id} {generator.model_version}")
+    if run["rule_set_hash"] != domain.rule_set_hash:
+        raise ResumeError(f"the {domain.name} rules changed since run {run_id} started "
+                          f"({run['rule_set_hash']} -> {domain.rule_set_hash})")
+    settings = json.loads(run["settings"]) if isinstance(run["settings"], str) else (run["settings"] or {})
+    store.reopen_run(run_id)
+    return _drive(domain, generator, store, run_id, run["requested_n"], run["seed"], run["batch_size"],
+                  settings["max_attempts"], progress, settings.get("gates", True), allow_drift,
+                  accepted=run["accepted"] or 0, rejected=run["rejected"] or 0, surplus=run["surplus"] or 0,
+                  batch=store.batches_written(run_id, domain))
+
+
+def _drive(domain: Domain, generator: Generator, store: Store, run_id: str, n: int, seed: int, batch_size: int,
+           max_attempts: int, progress: bool, gates: bool, allow_drift: bool, *, accepted: int, rejected: int,
+           surplus: int, batch: int) -> RunResult:
     gen_cols = domain.spec.generated_names
     privacy = PrivacyFilter.for_domain(domain) if gates else None
     gate = None
-    store.start_run(run_id, domain, generator.model_id, generator.model_version, seed, n, batch_size,
-                    {"max_attempts": max_attempts, **(settings or {})})
-    accepted = rejected = surplus = generated = valid_seen = batch = 0
+    generated, valid_seen = accepted + rejected + surplus, accepted + surplus
     started = time.perf_counter()
     status = "failed"
     try:
         with _progress(progress) as bar:
-            task = bar.add_task("generate", total=n, attempted=0, rate=0.0)
+            task = bar.add_task("generate", total=n, completed=accepted, attempted=accepted + rejected,
+                                rate=accepted / max(1, accepted + rejected))
             while accepted < n:
                 if generated >= max_attempts:
                     raise AttemptBudgetExceeded(_budget_message(store, run_id, n, accepted, generated, max_attempts))

@@ -173,6 +173,17 @@ class Store:
             for view in ("_batch_records", "_batch_rejections"):
                 self.con.unregister(view)
 
+    def reopen_run(self, run_id: str) -> None:
+        self.con.execute("UPDATE runs SET status = 'running', finished_at = NULL WHERE run_id = ?", [run_id])
+
+    def batches_written(self, run_id: str, domain: Domain) -> int:
+        """Batches committed so far (every batch leaves records or attempt-level rejections)."""
+        s = domain_schema(domain)
+        return self.con.execute(
+            f"SELECT coalesce(max(b), -1) + 1 FROM (SELECT max(batch) b FROM {s}.records WHERE run_id = ? "
+            "UNION ALL SELECT max(batch) FROM rejections WHERE run_id = ? AND attempt_id IS NOT NULL)",
+            [run_id, run_id]).fetchone()[0]
+
     def finish_run(self, run_id: str, status: str) -> None:
         self.con.execute("UPDATE runs SET status = ?, finished_at = ? WHERE run_id = ?", [status, _now(), run_id])
 
