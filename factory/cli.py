@@ -7,7 +7,6 @@ bug and keeps its traceback.
 """
 from __future__ import annotations
 
-import json
 import functools
 import importlib.util
 import os
@@ -177,7 +176,7 @@ def _resume(run_id: str, db: Path, out_path: Optional[Path], force: bool, quiet:
     with Store(db) as store:
         run = store.run(run_id)
         d = load_domain(run["domain"])
-        settings = json.loads(run["settings"]) if isinstance(run["settings"], str) else (run["settings"] or {})
+        settings = store.run_settings(run_id)
         generator = load_generator(d, settings.get("model"), model_dir=settings.get("model_dir"))
         try:
             result = resume_generation(d, generator, store, run_id, progress=not quiet, allow_drift=allow_drift)

@@ -17,7 +17,6 @@ unless `allow_drift`.
 """
 from __future__ import annotations
 
-import json
 import math
 import secrets
 import sys
@@ -139,7 +138,7 @@ def resume_generation(domain: Domain, generator: Generator, store: Store, run_id
     if run["rule_set_hash"] != domain.rule_set_hash:
         raise ResumeError(f"the {domain.name} rules changed since run {run_id} started "
                           f"({run['rule_set_hash']} -> {domain.rule_set_hash})")
-    settings = json.loads(run["settings"]) if isinstance(run["settings"], str) else (run["settings"] or {})
+    settings = store.run_settings(run_id)
     store.reopen_run(run_id)
     return _drive(domain, generator, store, run_id, run["requested_n"], run["seed"], run["batch_size"],
                   settings["max_attempts"], progress, settings.get("gates", True), allow_drift,

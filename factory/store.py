@@ -173,6 +173,10 @@ class Store:
             for view in ("_batch_records", "_batch_rejections"):
                 self.con.unregister(view)
 
+    def run_settings(self, run_id: str) -> dict:
+        settings = self.run(run_id)["settings"]
+        return json.loads(settings) if isinstance(settings, str) else (settings or {})
+
     def reopen_run(self, run_id: str) -> None:
         self.con.execute("UPDATE runs SET status = 'running', finished_at = NULL WHERE run_id = ?", [run_id])
 
