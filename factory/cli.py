@@ -8,6 +8,7 @@ bug and keeps its traceback.
 from __future__ import annotations
 
 import functools
+import json
 import importlib.util
 import os
 import sys
@@ -220,6 +221,48 @@ def _finish(store, d, generator, result, n, out_path, force, allow_drift, db, st
             out.print(f"  {stage}/{rule}: {count:,}")
     if refused:
         raise GateFailed(result.run_id, check_rows(gate.failed))
+
+
+@app.command("evaluate")
+@user_errors
+def evaluate_cmd(run_id: str = typer.Argument(..., help="run id (see `factory runs`)"),
+                 db: Path = DB_OPTION,
+                 out_path: Optional[Path] = typer.Option(None, "--out", help="write every metric as JSON here"),
+                 force: bool = typer.Option(False, "--force", help="overwrite --out if it exists")):
+    """Score a run's records against the domain's held-out real test split: SDMetrics quality,
+    machine-learning efficiency (XGBoost, synthetic- vs real-trained), privacy (exact copies, DCR), rules."""
+    from factory import evaluate as ev
+
+    if out_path is not None:
+        if out_path.suffix != ".json":
+            fail(f"--out {out_path}: the metrics are JSON; use a .json file")
+        if not out_path.parent.is_dir():
+            fail(f"--out {out_path}: directory {out_path.parent} does not exist")
+        if out_path.exists() and not force:
+            fail(f"--out {out_path} exists; pass --force to overwrite it")
+    with Store(db, read_only=True) as store:
+        run = store.run(run_id)
+        d = load_domain(run["domain"])
+        records = store.records(d, run_id)
+    if records.height < 50:
+        fail(f"run {run_id} has {records.height} records; evaluation needs at least 50")
+    result = {"run_id": run_id, "model": f"{run['model_id']} {run['model_version']}",
+              **ev.evaluate(d, records, d.load_split("train"), d.load_split("test"))}
+    q, m, p, r = result["quality"], result["mle"], result["privacy"], result["rule_validity"]
+    rows = [("records", f"{records.height:,}"), ("pass every rule", f"{r['valid_rate']:.2%}"),
+            ("column shapes", f"{q['column_shapes']:.3f}"), ("pair trends", f"{q['column_pair_trends']:.3f}")]
+    rows += [(f"MLE ratio {k}", f"{v:.3f}") for k, v in (m["ratio"] if m else {}).items() if v is not None]
+    rows += [("exact copies of training rows", f"{p['exact_copies']:,}"),
+             ("DCR median (run / real test)", f"{p['dcr']['median']:.4f} / {p['dcr_reference']['median']:.4f}")]
+    table = Table(show_header=False, box=None, title=f"{run_id} vs the real {d.name} test split")
+    for k, v in rows:
+        table.add_row(Text(k, style="bold"), v)
+    out.print(table)
+    if out_path is not None:
+        tmp = out_path.with_name(out_path.name + ".tmp")
+        tmp.write_text(json.dumps(result, indent=1, default=str))
+        os.replace(tmp, out_path)
+        out.print(f"metrics written to {out_path}")
 
 
 @app.command("export")

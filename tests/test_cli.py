@@ -1,3 +1,4 @@
+import json
 import os
 import subprocess
 import sys
@@ -175,3 +176,21 @@ def test_real_process_has_no_traceback(tmp_path):
     assert p.returncode == 2 and p.stdout == ""
     assert p.stderr.strip().startswith("error: ") and len(p.stderr.strip().splitlines()) == 1
     assert "Traceback" not in p.stderr
+
+
+def test_evaluate_scores_a_run_and_writes_json(db, tmp_path):
+    r = invoke("generate", "-d", "toy", "-n", 250, "--model", "baseline", "--db", db, "-q", "--allow-drift")
+    assert r.exit_code == 0, r.output
+    with Store(db, read_only=True) as s:
+        run_id = s.runs()["run_id"][0]
+    out = tmp_path / "metrics.json"
+    r = invoke("evaluate", run_id, "--db", db, "--out", out)
+    assert r.exit_code == 0, r.output
+    m = json.loads(out.read_text())
+    assert m["run_id"] == run_id and m["n_rows"] == 250
+    assert m["rule_validity"]["valid_rate"] == 1.0  # exported records pass every rule
+    assert 0 < m["quality"]["column_shapes"] <= 1 and m["mle"] is None  # toy declares no MLE tasks
+    assert m["privacy"]["exact_copies"] == 0
+    assert_user_error(invoke("evaluate", run_id, "--db", db, "--out", out), "--force")
+    assert_user_error(invoke("evaluate", run_id, "--db", db, "--out", tmp_path / "m.csv"), "use a .json file")
+    assert_user_error(invoke("evaluate", "no-such-run", "--db", db), "no run 'no-such-run'")
