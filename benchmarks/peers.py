@@ -14,6 +14,7 @@ and is scored by `factory.evaluate` against the real splits:
 - real_test:       the real test split itself: the ceiling for rule validity and the DCR
   reference (quality and MLE are not defined: it is what everything is compared against).
 
+Needs:  pip install -e ".[eval,peers]"   (SDMetrics, XGBoost, SDV)
 Usage:  nice -n 10 python -m benchmarks.peers            # full run (CTGAN/TVAE 300 epochs, 10,000 rows)
         python -m benchmarks.peers --quick                # smoke test (2 epochs, 1,000 rows)
 Writes reports/benchmarks/peers.json and peers.md (or --out DIR).
