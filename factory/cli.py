@@ -265,6 +265,27 @@ def evaluate_cmd(run_id: str = typer.Argument(..., help="run id (see `factory ru
         out.print(f"metrics written to {out_path}")
 
 
+@app.command("report")
+@user_errors
+def report_cmd(run_id: str = typer.Argument(..., help="run id (see `factory runs`)"),
+               db: Path = DB_OPTION,
+               out_dir: Optional[Path] = typer.Option(None, "--out", help="folder for report.html + metrics.json "
+                                                      "(default: reports/runs/<run id>/)")):
+    """Write a self-contained HTML report of a run (metrics, gate checks, rejections, plots) and its metrics JSON."""
+    from factory.report import build_report
+
+    out_dir = out_dir or Path("reports") / "runs" / run_id
+    with Store(db, read_only=True) as store:
+        d = load_domain(store.run(run_id)["domain"])
+        if store.records(d, run_id).height < 50:
+            fail(f"run {run_id} has fewer than 50 records; a report needs at least 50")
+        try:
+            page = build_report(store, d, run_id, out_dir)
+        except OSError as e:
+            fail(f"cannot write the report to {out_dir}: {e.strerror}")
+    out.print(f"report: {page} ({page.stat().st_size / 1024:.0f} KB); metrics: {out_dir / 'metrics.json'}")
+
+
 @app.command("export")
 @user_errors
 def export_cmd(run_id: str = typer.Argument(..., help="run id (see `factory runs`)"),

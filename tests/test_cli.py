@@ -194,3 +194,19 @@ def test_evaluate_scores_a_run_and_writes_json(db, tmp_path):
     assert_user_error(invoke("evaluate", run_id, "--db", db, "--out", out), "--force")
     assert_user_error(invoke("evaluate", run_id, "--db", db, "--out", tmp_path / "m.csv"), "use a .json file")
     assert_user_error(invoke("evaluate", "no-such-run", "--db", db), "no run 'no-such-run'")
+
+
+def test_report_writes_a_self_contained_page_and_metrics(db, tmp_path):
+    r = invoke("generate", "-d", "toy", "-n", 250, "--model", "baseline", "--db", db, "-q", "--allow-drift")
+    assert r.exit_code == 0, r.output
+    with Store(db, read_only=True) as s:
+        run_id = s.runs()["run_id"][0]
+    r = invoke("report", run_id, "--db", db, "--out", tmp_path / "rep")
+    assert r.exit_code == 0, r.output
+    page = (tmp_path / "rep" / "report.html").read_text()
+    assert run_id in page and "Distribution gate" in page and "Why attempts were rejected" in page
+    assert page.count("data:image/png;base64,") >= 5 + 1  # one plot per toy column + heat-maps
+    assert "http://" not in page and "https://" not in page  # nothing fetched from elsewhere
+    m = json.loads((tmp_path / "rep" / "metrics.json").read_text())
+    assert m["run_id"] == run_id and m["rule_validity"]["valid_rate"] == 1.0
+    assert_user_error(invoke("report", "no-such-run", "--db", db), "no run 'no-such-run'")
