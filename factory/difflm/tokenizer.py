@@ -75,8 +75,6 @@ class SchemaTokenizer:
                 if s.chunk == 0:
                     static[t, NULL] = col.nullable
         self.static_mask = static  # [L, V] what the schema allows before per-row state
-        self.num_first = torch.tensor([s.kind == "num" and s.chunk == 0 for s in self.slots])
-        self.is_num = torch.tensor([s.kind == "num" for s in self.slots])
         lo, hi, place = [], [], []
         for s in self.slots:
             if s.kind == "num":
