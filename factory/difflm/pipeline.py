@@ -49,8 +49,6 @@ class DiffLMGenerator:
         self.batch_size, self.latent, self.constrained, self.temperature = batch_size, latent, constrained, temperature
         self.model_version = model_checksum(self.path)
         self.dec.to_precision(precision)
-        if relations and constrained:  # also enforce the domain's cross-column decode constraints
-            self.tok = SchemaTokenizer(domain.spec, tokenizer.columns, domain.decode_constraints)
         self.settings = {"latent": latent, "constrained": constrained, "temperature": temperature,
                          "precision": self.dec.precision, "decode_batch": batch_size, "relations": relations,
                          "diffusion_steps": sampler.cfg.steps}
@@ -74,7 +72,8 @@ class DiffLMGenerator:
         from safetensors.torch import load_file
 
         try:
-            tok = SchemaTokenizer.from_pretrained(path, domain.spec)
+            relations = opts.get("relations", True) and opts.get("constrained", True)
+            tok = SchemaTokenizer.from_pretrained(path, domain.spec, domain.decode_constraints if relations else ())
             dec = DomainDecoder.from_pretrained(path / "decoder").freeze()
             inj = SoftPromptInjector.from_pretrained(path / "injector").eval()
             den = Denoiser.from_pretrained(path / "denoiser").eval()
