@@ -223,6 +223,16 @@ def _finish(store, d, generator, result, n, out_path, force, allow_drift, db, st
         raise GateFailed(result.run_id, check_rows(gate.failed))
 
 
+def _run_records(store: Store, run_id: str, minimum: int = 50):
+    """A stored run, its domain and its records, for the commands that score a run."""
+    run = store.run(run_id)
+    d = load_domain(run["domain"])
+    records = store.records(d, run_id)
+    if records.height < minimum:
+        fail(f"run {run_id} has {records.height} records; scoring a run needs at least {minimum}")
+    return run, d, records
+
+
 @app.command("evaluate")
 @user_errors
 def evaluate_cmd(run_id: str = typer.Argument(..., help="run id (see `factory runs`)"),
@@ -241,11 +251,7 @@ def evaluate_cmd(run_id: str = typer.Argument(..., help="run id (see `factory ru
         if out_path.exists() and not force:
             fail(f"--out {out_path} exists; pass --force to overwrite it")
     with Store(db, read_only=True) as store:
-        run = store.run(run_id)
-        d = load_domain(run["domain"])
-        records = store.records(d, run_id)
-    if records.height < 50:
-        fail(f"run {run_id} has {records.height} records; evaluation needs at least 50")
+        run, d, records = _run_records(store, run_id)
     result = {"run_id": run_id, "model": f"{run['model_id']} {run['model_version']}",
               **ev.evaluate(d, records, d.load_split("train"), d.load_split("test"))}
     q, m, p, r = result["quality"], result["mle"], result["privacy"], result["rule_validity"]
@@ -276,11 +282,9 @@ def report_cmd(run_id: str = typer.Argument(..., help="run id (see `factory runs
 
     out_dir = out_dir or Path("reports") / "runs" / run_id
     with Store(db, read_only=True) as store:
-        d = load_domain(store.run(run_id)["domain"])
-        if store.records(d, run_id).height < 50:
-            fail(f"run {run_id} has fewer than 50 records; a report needs at least 50")
+        _, d, records = _run_records(store, run_id)
         try:
-            page = build_report(store, d, run_id, out_dir)
+            page = build_report(store, d, run_id, records, out_dir)
         except OSError as e:
             fail(f"cannot write the report to {out_dir}: {e.strerror}")
     out.print(f"report: {page} ({page.stat().st_size / 1024:.0f} KB); metrics: {out_dir / 'metrics.json'}")

@@ -111,13 +111,12 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def build_report(store, domain, run_id: str, out_dir: Path) -> Path:
+def build_report(store, domain, run_id: str, synth: pl.DataFrame, out_dir: Path) -> Path:
     """Write out_dir/report.html and out_dir/metrics.json for a stored run; returns the HTML path."""
     import matplotlib
 
     matplotlib.use("Agg")
     run = store.run(run_id)
-    synth = store.records(domain, run_id)
     train, test = domain.load_split("train"), domain.load_split("test")
     metrics = {"run_id": run_id, "model": f"{run['model_id']} {run['model_version']}",
                **ev.evaluate(domain, synth, train, test)}
