@@ -194,7 +194,9 @@ def run(args) -> dict:
             e = ev.evaluate(DOMAIN, frame, train, test, real_mle=real_mle, n_estimators=args.n_estimators,
                             seed=args.seed)
         else:  # real_test: only rules and privacy are meaningful
-            e = {"domain": DOMAIN.name, "n_rows": frame.height, "rule_validity": ev.rule_validity(DOMAIN, frame),
+            e = {"domain": DOMAIN.name, "n_rows": frame.height,
+                 "setup": ev.setup(DOMAIN, train, test, n_estimators=args.n_estimators, seed=args.seed),
+                 "rule_validity": ev.rule_validity(DOMAIN, frame),
                  "quality": None, "mle": None, "privacy": ev.privacy(train, frame, spec, reference=test)}
         e["eval_seconds"] = round(time.perf_counter() - t, 2)
         results[name] = {"note": note, "fit_seconds": None if fit_s is None else round(fit_s, 2),
@@ -269,6 +271,14 @@ def fmt(x, digits=3):
 
 def markdown(report: dict) -> str:
     h = report["header"]
+    setups = []  # factory.evaluate.setup of each candidate: one, unless something changed mid-run
+    for r in report["results"].values():
+        if r.get("setup") not in setups:
+            setups.append(r.get("setup"))
+    setup_line = ([] if not setups or setups == [None] else
+                  ["- evaluation setup (`factory report --compare` checks it against the run's): "
+                   + json.dumps(setups[0])] if len(setups) == 1 else
+                  [f"- evaluation setups DIFFER between candidates: {json.dumps(setups)}"])
     lines = [
         "# Peer benchmark: finance domain",
         "",
@@ -284,6 +294,7 @@ def markdown(report: dict) -> str:
         f"TVAE {h['config']['tvae_epochs']} epochs, XGBoost {h['config']['n_estimators']} trees, seed {h['config']['seed']}"
         + (" (QUICK smoke run: not a result)" if h["config"]["quick"] else ""),
         f"- total runtime: {h['total_seconds']:.0f} s",
+        *setup_line,
         "",
         "Every candidate is fitted on the real train split (7,997 rows) and scored against the real test "
         "split (1,001 rows). SDV models generate all 29 columns, including the derived ones; their raw "

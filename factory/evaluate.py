@@ -13,14 +13,18 @@ Four views of one synthetic polars frame that has every spec column:
 - `rule_validity`: share of rows passing every schema check and domain rule, and the
   pass rate of each rule.
 
-`evaluate` combines them into one JSON-serializable dict.
+`evaluate` combines them into one JSON-serializable dict, with its `setup`: what every
+metric depends on besides the candidate rows (splits, rule set, metric code, settings). Two
+results are comparable only if their setups are equal.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -358,6 +362,21 @@ def rule_validity(domain, frame: pl.DataFrame) -> dict:
 
 # ---------------------------------------------------------------- all together
 
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def setup(domain, train: pl.DataFrame, test: pl.DataFrame, *, n_estimators: int = 200, seed: int = SEED,
+          quality_max_rows: int | None = QUALITY_MAX_ROWS) -> dict:
+    """Everything the metrics of `evaluate` depend on besides the candidate rows: the real splits
+    (rows and a hash of their spec columns as CSV), the rule set, this file's source (the metric
+    code) and the settings. Metrics with equal setups were computed the same way on the same data."""
+    split = lambda f: {"rows": f.height, "sha256": _sha256(f.select(domain.spec.names).write_csv().encode())}  # noqa: E731
+    return {"train": split(train), "test": split(test), "rule_set_hash": domain.rule_set_hash,
+            "metric_code_sha256": _sha256(Path(__file__).read_bytes()),
+            "n_estimators": n_estimators, "seed": seed, "quality_max_rows": quality_max_rows}
+
+
 def evaluate(domain, synth: pl.DataFrame, train: pl.DataFrame, test: pl.DataFrame, *,
              real_mle: dict | None = None, quality_max_rows: int | None = QUALITY_MAX_ROWS,
              n_estimators: int = 200, seed: int = SEED) -> dict:
@@ -392,6 +411,7 @@ def evaluate(domain, synth: pl.DataFrame, train: pl.DataFrame, test: pl.DataFram
     return {
         "domain": domain.name,
         "n_rows": synth.height,
+        "setup": setup(domain, train, test, n_estimators=n_estimators, seed=seed, quality_max_rows=quality_max_rows),
         "rule_validity": rules,
         "quality": q,
         "mle": None if synth_mle is None else
