@@ -276,15 +276,20 @@ def evaluate_cmd(run_id: str = typer.Argument(..., help="run id (see `factory ru
 def report_cmd(run_id: str = typer.Argument(..., help="run id (see `factory runs`)"),
                db: Path = DB_OPTION,
                out_dir: Optional[Path] = typer.Option(None, "--out", help="folder for report.html + metrics.json "
-                                                      "(default: reports/runs/<run id>/)")):
-    """Write a self-contained HTML report of a run (metrics, gate checks, rejections, plots) and its metrics JSON."""
+                                                      "(default: reports/runs/<run id>/)"),
+               compare: Optional[Path] = typer.Option(
+                   None, "--compare", help="peer metrics JSON written by benchmarks/peers.py (e.g. "
+                   "reports/benchmarks/peers.json): adds a side-by-side table and chart of the run vs every peer, "
+                   "flagging peers scored on a different split, rule set, metric code, settings or n")):
+    """Write a self-contained HTML report of a run (metrics, gate checks, rejections, plots) and its metrics JSON.
+    Without --compare the report says the side-by-side comparison was not included."""
     from factory.report import build_report
 
     out_dir = out_dir or Path("reports") / "runs" / run_id
     with Store(db, read_only=True) as store:
         _, d, records = _run_records(store, run_id)
         try:
-            page = build_report(store, d, run_id, records, out_dir)
+            page = build_report(store, d, run_id, records, out_dir, compare=compare)
         except OSError as e:
             fail(f"cannot write the report to {out_dir}: {e.strerror}")
     out.print(f"report: {page} ({page.stat().st_size / 1024:.0f} KB); metrics: {out_dir / 'metrics.json'}")

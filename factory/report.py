@@ -5,10 +5,16 @@ test split (factory.evaluate), the distribution-gate checks, why attempts were r
 and plots (real vs synthetic per column, Spearman correlation heat-maps, rejection
 reasons) embedded as PNG, so the file can be mailed or archived as is. The metrics are
 also written as JSON beside it.
+
+With `compare` (a JSON written by benchmarks/peers.py), the page also puts the run side by
+side with other generators scored by the same `factory.evaluate` functions, and flags every
+peer whose numbers were not computed the same way (different split, rule set, metric code,
+settings or number of rows) or whose real references differ from the run's.
 """
 from __future__ import annotations
 
 import base64
+import hashlib
 import html
 import io
 import json
@@ -19,6 +25,7 @@ import numpy as np
 import polars as pl
 
 from factory import evaluate as ev
+from factory.inputs import InputError
 from schemas.columns import Numeric
 
 MAX_CATEGORIES = 15  # bars per categorical plot; the rest are summed as "other"
@@ -111,15 +118,184 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def build_report(store, domain, run_id: str, synth: pl.DataFrame, out_dir: Path) -> Path:
-    """Write out_dir/report.html and out_dir/metrics.json for a stored run; returns the HTML path."""
+COMPARE_HINT = "factory report RUN_ID --compare reports/benchmarks/peers.json"
+# Bars of the comparison chart: (label, key of _scores).
+CHART_SCORES = (("pass every rule", "valid_rate"), ("column shapes", "column_shapes"),
+                ("pair trends", "column_pair_trends"), ("MLE ratio interest_rate R²", "mle.interest_rate.r2"),
+                ("MLE ratio grade accuracy", "mle.grade.accuracy"))
+
+
+def load_peers(path: Path, domain: str) -> dict:
+    """A peers JSON as written by benchmarks/peers.py: {"header": {...}, "real_mle": {...},
+    "results": {candidate: factory.evaluate output + "note"}}, all of `domain`, plus its file name and sha256."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+        data = json.loads(raw)
+    except FileNotFoundError:
+        raise InputError(f"--compare {path}: no such file") from None
+    except (OSError, ValueError) as e:
+        raise InputError(f"--compare {path}: cannot read it as JSON ({e})") from None
+    results = data.get("results") if isinstance(data, dict) else None
+    if not isinstance(results, dict) or not results or not all(
+            isinstance(r, dict) and {"domain", "n_rows", "rule_validity", "privacy"} <= set(r) for r in results.values()):
+        raise InputError(f"--compare {path}: not a peers file (expected \"results\": {{candidate: metrics}} "
+                         "as written by benchmarks/peers.py)")
+    wrong = sorted({r["domain"] for r in results.values()} - {domain})
+    if wrong:
+        raise InputError(f"--compare {path}: candidates of domain {', '.join(map(str, wrong))}; the run is {domain}")
+    header = data.get("header") or {}
+    data["source"] = {"file": str(path), "sha256": hashlib.sha256(raw).hexdigest()[:16], "date": header.get("date"),
+                      "git_commit": header.get("git_commit"), "git_commit_at_end": header.get("git_commit_at_end"),
+                      "command": header.get("command"), "config": header.get("config")}
+    return data
+
+
+def _scores(m: dict) -> dict:
+    """The side-by-side numbers of one factory.evaluate result (None where not defined)."""
+    q, mle = m.get("quality") or {}, m.get("mle") or {}
+    return {"n_rows": m["n_rows"], "valid_rate": m["rule_validity"].get("valid_rate"),
+            "column_shapes": q.get("column_shapes"), "column_pair_trends": q.get("column_pair_trends"),
+            **{f"mle.{k}": v for k, v in (mle.get("ratio") or {}).items()},
+            "exact_copies": m["privacy"].get("exact_copies"), "dcr_median": m["privacy"]["dcr"].get("median")}
+
+
+def _same(a, b) -> bool:
+    """Equal JSON values, floats to 1e-9 relative."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, float) or isinstance(b, float):
+        return a is not None and b is not None and abs(a - b) <= 1e-9 * max(abs(a), abs(b), 1e-12)
+    return a == b
+
+
+def _differences(run: dict, peer: dict, quick: bool) -> list[str]:
+    """Why a peer's numbers are not computed exactly like the run's (empty: same setup, same rows)."""
+    out = ["QUICK smoke run, not a result"] if quick else []
+    rs, ps = run.get("setup"), peer.get("setup")
+    if ps is None:
+        out.append("no setup recorded: split, rule set and metric code unverified")
+    elif rs is not None:
+        for split in ("test", "train"):
+            if not _same(ps.get(split), rs.get(split)):
+                p, r = ps.get(split) or {}, rs.get(split) or {}
+                out.append(f"different {split} split ({p.get('rows')} rows, sha256 {p.get('sha256')}; "
+                           f"run: {r.get('rows')} rows, sha256 {r.get('sha256')})")
+        if ps.get("rule_set_hash") != rs.get("rule_set_hash"):
+            out.append(f"different rule set ({ps.get('rule_set_hash')}; run: {rs.get('rule_set_hash')})")
+        if ps.get("metric_code_sha256") != rs.get("metric_code_sha256"):
+            out.append(f"different metric code (factory/evaluate.py sha256 {ps.get('metric_code_sha256')}; "
+                       f"run: {rs.get('metric_code_sha256')})")
+        for k in ("n_estimators", "seed", "quality_max_rows"):
+            if ps.get(k) != rs.get(k):
+                out.append(f"{k} {ps.get(k)} (run: {rs.get(k)})")
+    if peer["n_rows"] != run["n_rows"]:
+        out.append(f"{peer['n_rows']:,} rows (run: {run['n_rows']:,})")
+    # The real references must come out identical if the setup is the same; checked even without a setup.
+    if not _same(peer["privacy"].get("dcr_reference"), run["privacy"].get("dcr_reference")):
+        out.append("DCR of the real test split differs from the run's")
+    if peer.get("mle") and run.get("mle") and not _same(peer["mle"].get("real_train"), run["mle"].get("real_train")):
+        out.append("real-train MLE reference differs from the run's")
+    if peer.get("quality") and run.get("quality"):
+        if peer["quality"].get("n_real") != run["quality"].get("n_real"):
+            out.append(f"quality scored against {peer['quality'].get('n_real')} real rows "
+                       f"(run: {run['quality'].get('n_real')})")
+        if peer["quality"].get("subsampled") != run["quality"].get("subsampled"):
+            out.append("quality subsampled differently")
+    return out
+
+
+def comparison(metrics: dict, peers: dict) -> dict:
+    """The run and every peer (from `load_peers`), side by side: scores, where each number comes
+    from, and the differences in how it was computed."""
+    quick = bool((peers["source"].get("config") or {}).get("quick"))
+    src = peers["source"]
+    peer_src = f"{Path(src['file']).name}, {src.get('date') or 'undated'}, commit {(src.get('git_commit') or '?')[:10]}"
+    rows = [{"candidate": f"this run: {metrics['model']}", "source": "factory.evaluate, this report",
+             "note": f"run {metrics['run_id']}", "scores": _scores(metrics), "differences": []}]
+    rows += [{"candidate": name, "source": peer_src, "note": r.get("note", ""), "scores": _scores(r),
+              "differences": _differences(metrics, r, quick)} for name, r in peers["results"].items()]
+    return {"included": True, "source": src, "candidates": rows}
+
+
+def _num(v, digits: int = 3) -> str:
+    if v is None:
+        return "—"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return f"{v:.{digits}f}"
+
+
+def _comparison_html(comp: dict) -> str:
+    src = comp["source"]
+    mle_keys = list(dict.fromkeys(k for c in comp["candidates"] for k in c["scores"] if k.startswith("mle.")))
+    head = ["candidate", "numbers from", "rows", "pass every rule", "column shapes", "pair trends",
+            *[f"MLE ratio {k[4:]}" for k in mle_keys], "exact copies", "DCR median", "computed like this run?"]
+    body = []
+    for c in comp["candidates"]:
+        s = c["scores"]
+        cells = [c["candidate"], c["source"], _num(s["n_rows"]), _num(s["valid_rate"]), _num(s["column_shapes"]),
+                 _num(s["column_pair_trends"]), *[_num(s.get(k)) for k in mle_keys], _num(s["exact_copies"]),
+                 _num(s["dcr_median"], 4)]
+        same = "yes" if not c["differences"] else "; ".join(c["differences"])
+        cls = "" if not c["differences"] else ' class="differs"'
+        body.append("<tr>" + "".join(f"<td>{html.escape(x)}</td>" for x in cells)
+                    + f"<td{cls}>{html.escape(same)}</td></tr>")
+    table = ("<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>" + "".join(body)
+             + "</table>")
+    notes = "".join(f"<li><b>{html.escape(c['candidate'])}</b>: {html.escape(c['note'])}</li>"
+                    for c in comp["candidates"])
+    commit = html.escape(str(src.get("git_commit")))
+    if src.get("git_commit_at_end"):
+        commit += f" (at the end of that run: {html.escape(str(src['git_commit_at_end']))})"
+    return f"""<p>Every number comes from the same <code>factory.evaluate</code> functions against the same
+held-out real test split: this run's are computed for this report, the peers' were computed by
+<code>benchmarks/peers.py</code> and read from <code>{html.escape(src['file'])}</code>
+(sha256 {html.escape(src['sha256'])}, written {html.escape(str(src.get('date')))}, commit {commit}, command
+<code>{html.escape(str(src.get('command')))}</code>). The last column says whether a peer's numbers were computed
+exactly like this run's: same splits, rule set, metric code and settings (<code>factory.evaluate.setup</code>),
+the same number of rows, and identical real references (real-train MLE scores, DCR of the real test split).
+Anything else is named there. MLE ratio = XGBoost score on the real test split when trained on the
+candidate / when trained on the real train split; DCR = distance to the closest training row.</p>
+{table}<ul style="font-size:12px">{notes}</ul>{_comparison_plot(comp)}"""
+
+
+def _comparison_plot(comp: dict) -> str:
+    import matplotlib.pyplot as plt
+
+    names = [c["candidate"] for c in comp["candidates"]][::-1]
+    fig, axes = plt.subplots(1, len(CHART_SCORES), figsize=(3.2 * len(CHART_SCORES), 0.3 * len(names) + 1.2),
+                             sharey=True)
+    for ax, (label, key) in zip(axes, CHART_SCORES):
+        vals = [c["scores"].get(key) for c in comp["candidates"]][::-1]
+        colors = ["#d62728" if n.startswith("this run") else "#1f77b4" for n in names]
+        ax.barh(range(len(names)), [0 if v is None else v for v in vals], color=colors)
+        for i, v in enumerate(vals):
+            ax.text(0 if v is None else max(v, 0), i, " n/a" if v is None else f" {v:.2f}", va="center", fontsize=6)
+        ax.axvline(0, color="black", lw=0.5)
+        ax.set_xlim(min([0.0, *(v for v in vals if v is not None)]) - 0.05, 1.2)
+        ax.set_title(label, fontsize=8)
+        ax.tick_params(labelsize=7)
+    axes[0].set_yticks(range(len(names)), names)
+    return _png(fig)
+
+
+def build_report(store, domain, run_id: str, synth: pl.DataFrame, out_dir: Path, compare: Path | None = None) -> Path:
+    """Write out_dir/report.html and out_dir/metrics.json for a stored run; returns the HTML path.
+    `compare`: a peers JSON (benchmarks/peers.py) to put side by side with the run."""
     import matplotlib
 
     matplotlib.use("Agg")
+    peers = load_peers(compare, domain.name) if compare is not None else None  # a bad file fails before the slow part
     run = store.run(run_id)
     train, test = domain.load_split("train"), domain.load_split("test")
     metrics = {"run_id": run_id, "model": f"{run['model_id']} {run['model_version']}",
                **ev.evaluate(domain, synth, train, test)}
+    metrics["comparison"] = comparison(metrics, peers) if peers else {
+        "included": False, "how": f"not included: no peer metrics given ({COMPARE_HINT})"}
+    comparison_html = _comparison_html(metrics["comparison"]) if peers else (
+        f"<p>Not included: this report was made without peer metrics. Made with <code>{html.escape(COMPARE_HINT)}"
+        "</code>, this section shows the run next to the baselines and SDV models, scored the same way.</p>")
     counts = store.rejection_counts(run_id)
     checks = store.frame("SELECT check_name, column_names, statistic, threshold, status, detail FROM checks "
                          "WHERE run_id = ? ORDER BY status = 'passed', check_name", [run_id])
@@ -139,13 +315,14 @@ def build_report(store, domain, run_id: str, synth: pl.DataFrame, out_dir: Path)
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>factory report {html.escape(run_id)}</title>
 <style>body{{font-family:sans-serif;margin:24px;max-width:1400px}} table{{border-collapse:collapse;margin:8px 0}}
 td,th{{border:1px solid #ccc;padding:3px 8px;font-size:13px;text-align:left}} img{{margin:4px}}
-.failed{{color:#b00}}</style></head><body>
+.failed{{color:#b00}} .differs{{color:#b00}}</style></head><body>
 <h1>Run {html.escape(run_id)}</h1>
 <p>Domain <b>{html.escape(domain.name)}</b> (rule set {html.escape(run['rule_set_hash'])}), model
 <b>{html.escape(metrics['model'])}</b>, seed {run['seed']}, status {html.escape(run['status'])},
 started {html.escape(str(run['started_at']))} UTC. Reference: the domain's held-out real test split
 ({test.height:,} rows), never used for training. Metrics as JSON: <code>metrics.json</code>.</p>
 <h2>Summary</h2>{_table(summary, ["measure", "value"])}
+<h2>Side by side with other generators</h2>{comparison_html}
 <h2>Distribution gate ({checks.height} checks; failed first)</h2>
 {_table(checks.to_dicts(), checks.columns) if checks.height else "<p>no checks recorded (gate off or skipped)</p>"}
 <h2>Why attempts were rejected</h2>
