@@ -268,7 +268,8 @@ def _comparison_plot(comp: dict) -> str:
                              sharey=True)
     for ax, (label, key) in zip(axes, CHART_SCORES):
         vals = [c["scores"].get(key) for c in comp["candidates"]][::-1]
-        colors = ["#d62728" if n.startswith("this run") else "#1f77b4" for n in names]
+        colors = ["#d62728" if n.startswith("this run") else "#999999" if n.startswith("real_") else "#1f77b4"
+                  for n in names]  # the run red, real-data references grey, generators blue
         ax.barh(range(len(names)), [0 if v is None else v for v in vals], color=colors)
         for i, v in enumerate(vals):
             ax.text(0 if v is None else max(v, 0), i, " n/a" if v is None else f" {v:.2f}", va="center", fontsize=6)
