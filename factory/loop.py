@@ -1,17 +1,27 @@
 """The generation loop: generate -> parse -> complete -> validate -> store, batch by batch.
 
 Accounting, per run:
-- every generated text gets an attempt id (its index within the run);
-- a text is *accepted* (a row of `<domain>.records`, record_id = attempt id) or
-  *rejected* (one `rejections` row per failing rule) — attempted = accepted + rejected;
+- a run is split into shards (one unless `shards=K`; shard s gets n // K records, the
+  first n % K shards one more); each shard runs its own batches with its own seeds;
+- every generated text gets an attempt id (its index within its shard);
+- a text is *accepted* (a row of `<domain>.records`, key (run_id, shard, record_id), with
+  record_id = attempt id) or *rejected* (one `rejections` row per failing rule), so
+  attempted = accepted + rejected, per shard and per run;
 - a record that passes every rule but copies (or nearly copies) a training row is
   rejected too, with stage 'privacy' (factory/checks/privacy.py), so the loop tops up;
-- valid texts that arrive after the n-th acceptance (in the last batch) are
+- valid texts that arrive after the shard's last acceptance (in its last batch) are
   *surplus*: counted, not stored, and not attempts.
-A run is deterministic for (seed, generator, batch_size): batch b is generated
-with a seed derived from (seed, b), and batch sizes depend only on acceptance so far.
 
-After the loop, the distribution gate (factory/checks/gate.py) compares the accepted
+Seeds: batch b of a one-shard run uses SeedSequence(seed, spawn_key=(b,)); batch b of
+shard s of a K-shard run (K > 1) uses SeedSequence(seed, spawn_key=(s, b)). Batch sizes
+depend only on the shard's acceptance so far, so a run is deterministic for (seed,
+generator, batch_size, shards), whichever engine runs the shards and in whatever order.
+
+Engines run the shards: `LocalEngine` (here) one after another in this process, storing
+every batch as it goes; `factory.ray_engine.RayEngine` on a Ray cluster, storing each
+finished shard in one transaction.
+
+After all shards, the distribution gate (factory/checks/gate.py) compares the accepted
 records with the train split; a failed gate leaves the run with status 'gate_failed'
 unless `allow_drift`.
 """
@@ -23,6 +33,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from typing import Callable, Protocol
 
 import numpy as np
 import polars as pl
@@ -35,12 +46,14 @@ from factory.domain import Domain
 from factory.generators import Generator
 from factory.store import Store
 
-REJECTION_SCHEMA = {"run_id": pl.String, "attempt_id": pl.Int64, "batch": pl.Int64, "stage": pl.String,
-                    "rule": pl.String, "message": pl.String, "raw_text": pl.String}
+REJECTION_SCHEMA = {"run_id": pl.String, "shard": pl.Int64, "attempt_id": pl.Int64, "batch": pl.Int64,
+                    "stage": pl.String, "rule": pl.String, "message": pl.String, "raw_text": pl.String}
 END_MARGIN = 1.2  # near the end, ask for 20% more texts than the acceptance rate predicts we need
-
-
 class AttemptBudgetExceeded(RuntimeError):
+    pass
+
+
+class ResumeError(ValueError):
     pass
 
 
@@ -56,10 +69,54 @@ class RunResult:
     seconds: float
     top_rejections: list[tuple[str, str, int]] = field(default_factory=list)  # (stage, rule, attempts)
     gate: GateResult | None = None  # None when gates are off
+    shards: int = 1
 
     @property
     def acceptance_rate(self) -> float:
         return self.accepted / self.attempted if self.attempted else 0.0
+
+
+@dataclass
+class ShardState:
+    """Where one shard stands: its target and counters (all that is needed to continue it)."""
+    shard: int
+    n: int
+    accepted: int = 0
+    rejected: int = 0
+    surplus: int = 0
+    batches: int = 0
+
+    @property
+    def generated(self) -> int:
+        return self.accepted + self.rejected + self.surplus
+
+    def counters(self) -> dict[str, int]:
+        return {"attempted": self.accepted + self.rejected, "accepted": self.accepted, "rejected": self.rejected,
+                "surplus": self.surplus, "batches": self.batches}
+
+    @classmethod
+    def from_row(cls, row: dict) -> ShardState:
+        return cls(row["shard"], row["requested_n"], row["accepted"], row["rejected"], row["surplus"], row["batches"])
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """What every shard of a run shares; engines pass it to whoever generates a shard."""
+    run_id: str
+    seed: int
+    n: int
+    n_shards: int
+    batch_size: int
+    max_attempts: int
+    gates: bool
+
+    def shard_budget(self, shard_n: int) -> int:
+        """A shard's share of the run's attempt budget."""
+        return max(1, math.ceil(self.max_attempts * shard_n / self.n))
+
+
+# a batch is done: (records, rejections, shard state after it, shard done?)
+BatchSink = Callable[[pl.DataFrame, pl.DataFrame, ShardState, bool], None]
 
 
 def default_max_attempts(n: int) -> int:
@@ -67,9 +124,16 @@ def default_max_attempts(n: int) -> int:
     return 100 * n + 10_000
 
 
-def batch_seed(seed: int, batch: int) -> int:
-    """Independent, reproducible seed for batch `batch` of a run seeded with `seed`."""
-    return int(np.random.SeedSequence(seed, spawn_key=(batch,)).generate_state(1, np.uint64)[0] >> 1)
+def batch_seed(seed: int, batch: int, shard: int | None = None) -> int:
+    """Independent, reproducible seed for batch `batch` (of shard `shard` in a multi-shard run)."""
+    key = (batch,) if shard is None else (shard, batch)
+    return int(np.random.SeedSequence(seed, spawn_key=key).generate_state(1, np.uint64)[0] >> 1)
+
+
+def shard_sizes(n: int, shards: int) -> list[int]:
+    if shards <= 0 or shards > n:
+        raise ValueError(f"shards must be between 1 and n={n}, got {shards}")
+    return [n // shards + (1 if s < n % shards else 0) for s in range(shards)]
 
 
 def next_batch_size(batch_size: int, remaining: int, valid: int, generated: int) -> int:
@@ -93,9 +157,73 @@ def _progress(enabled: bool) -> Progress:
         TimeElapsedColumn(), console=console, disable=not (enabled and console.is_terminal), transient=False)
 
 
+def generate_shard(domain: Domain, generator: Generator, plan: RunPlan, state: ShardState,
+                   privacy: PrivacyFilter | None, sink: BatchSink) -> bool:
+    """Generate batches for one shard until it has `state.n` records, handing each batch to
+    `sink` (which stores it). Updates `state`. Returns False if the shard's attempt budget ran
+    out first. Pure in (plan, state): the same inputs give the same batches anywhere."""
+    gen_cols = domain.spec.generated_names
+    budget = plan.shard_budget(state.n)
+    shard_key = None if plan.n_shards == 1 else state.shard
+    while state.accepted < state.n:
+        if state.generated >= budget:
+            return False
+        k = min(next_batch_size(plan.batch_size, state.n - state.accepted, state.accepted + state.surplus,
+                                state.generated), budget - state.generated)
+        texts = generator.generate(k, batch_seed(plan.seed, state.batches, shard_key))
+        if len(texts) != k:
+            raise RuntimeError(f"generator {generator.model_id} returned {len(texts)} texts, asked for {k}")
+        records, rejections, n_valid, n_taken = _judge(domain, gen_cols, texts, plan.run_id, state.shard,
+                                                       state.batches, state.generated, state.n - state.accepted,
+                                                       privacy)
+        state.accepted += n_taken
+        state.rejected += rejections["attempt_id"].n_unique() if rejections.height else 0
+        state.surplus += n_valid - n_taken
+        state.batches += 1
+        sink(records, rejections, state, state.accepted >= state.n)
+    return True
+
+
+class Engine(Protocol):
+    name: str
+
+    def settings(self) -> dict:
+        """What the run records about the engine (runs.settings)."""
+        ...
+
+    def run(self, domain: Domain, generator: Generator, store: Store, plan: RunPlan, todo: list[ShardState],
+            on_progress: Callable[[], None]) -> None:
+        """Bring every shard in `todo` to its n, storing its batches in `store`; call
+        `on_progress()` after each store write. Raise AttemptBudgetExceeded if a shard cannot."""
+        ...
+
+
+class LocalEngine:
+    """Shards one after another in this process; every batch is stored as soon as it is judged,
+    and the database file is released between batches so that readers can open it."""
+    name = "local"
+
+    def settings(self) -> dict:
+        return {"engine": self.name}
+
+    def run(self, domain, generator, store, plan, todo, on_progress) -> None:
+        privacy = PrivacyFilter.for_domain(domain) if plan.gates else None
+
+        def sink(records, rejections, state, done):
+            store.write_batch(plan.run_id, domain, records, rejections, state.shard, state.counters(), done)
+            on_progress()
+            store.release()  # readers may open the file while the next batch is generated
+
+        store.release()
+        for state in todo:
+            if not generate_shard(domain, generator, plan, state, privacy, sink):
+                raise AttemptBudgetExceeded(_budget_message(store, plan, state))
+
+
 def run_generation(domain: Domain, generator: Generator, n: int, seed: int, store: Store, batch_size: int,
                    max_attempts: int | None = None, progress: bool = True, settings: dict | None = None,
-                   run_id: str | None = None, gates: bool = True, allow_drift: bool = False) -> RunResult:
+                   run_id: str | None = None, gates: bool = True, allow_drift: bool = False, shards: int = 1,
+                   engine: Engine | None = None) -> RunResult:
     """Generate until exactly n records pass every rule (and the privacy filter); record
     everything in `store`; then run the distribution gate. `gates=False` turns off both
     the privacy filter and the distribution gate (runs.gate stays NULL)."""
@@ -105,27 +233,26 @@ def run_generation(domain: Domain, generator: Generator, n: int, seed: int, stor
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     if seed < 0:
         raise ValueError(f"seed must be >= 0, got {seed}")
+    sizes = shard_sizes(n, shards)
+    engine = engine or LocalEngine()
     max_attempts = default_max_attempts(n) if max_attempts is None else max_attempts
     run_id = run_id or new_run_id(domain)
     store.start_run(run_id, domain, generator.model_id, generator.model_version, seed, n, batch_size,
-                    {"max_attempts": max_attempts, "gates": gates, **(settings or {})})
-    return _drive(domain, generator, store, run_id, n, seed, batch_size, max_attempts, progress, gates, allow_drift,
-                  accepted=0, rejected=0, surplus=0, batch=0)
-
-
-class ResumeError(ValueError):
-    pass
+                    {"max_attempts": max_attempts, "gates": gates, "shards": shards, **engine.settings(),
+                     **(settings or {})}, sizes)
+    plan = RunPlan(run_id, seed, n, shards, batch_size, max_attempts, gates)
+    return _drive(domain, generator, store, plan, progress, allow_drift, engine)
 
 
 def resume_generation(domain: Domain, generator: Generator, store: Store, run_id: str, progress: bool = True,
-                      allow_drift: bool = False) -> RunResult:
+                      allow_drift: bool = False, engine: Engine | None = None) -> RunResult:
     """Continue a run that was interrupted (killed, crashed) to exactly its requested n.
 
-    Every batch was committed with the run's counters in one transaction, so the stored
-    counters are exact, and batch b's texts depend only on (seed, b) and the acceptance
-    seen so far, which the counters give back (valid texts = accepted + surplus,
-    generated = attempted + surplus). The resumed run therefore stores exactly what an
-    uninterrupted run with the same seed would have stored.
+    Every batch (or, with Ray, every finished shard) was committed with its shard's counters
+    in one transaction, so the stored counters are exact, and a shard's next batch depends
+    only on (seed, shard, batch index) and the acceptance so far, which the counters give
+    back. The resumed run therefore stores exactly what an uninterrupted run with the same
+    seed would have stored, whichever engine resumes it.
     """
     run = store.run(run_id)
     if run["domain"] != domain.name:
@@ -140,58 +267,44 @@ def resume_generation(domain: Domain, generator: Generator, store: Store, run_id
                           f"({run['rule_set_hash']} -> {domain.rule_set_hash})")
     settings = store.run_settings(run_id)
     store.reopen_run(run_id)
-    return _drive(domain, generator, store, run_id, run["requested_n"], run["seed"], run["batch_size"],
-                  settings["max_attempts"], progress, settings.get("gates", True), allow_drift,
-                  accepted=run["accepted"] or 0, rejected=run["rejected"] or 0, surplus=run["surplus"] or 0,
-                  batch=store.batches_written(run_id, domain))
+    plan = RunPlan(run_id, run["seed"], run["requested_n"], settings.get("shards", 1), run["batch_size"],
+                   settings["max_attempts"], settings.get("gates", True))
+    return _drive(domain, generator, store, plan, progress, allow_drift, engine or LocalEngine())
 
 
-def _drive(domain: Domain, generator: Generator, store: Store, run_id: str, n: int, seed: int, batch_size: int,
-           max_attempts: int, progress: bool, gates: bool, allow_drift: bool, *, accepted: int, rejected: int,
-           surplus: int, batch: int) -> RunResult:
-    gen_cols = domain.spec.generated_names
-    privacy = PrivacyFilter.for_domain(domain) if gates else None
+def _drive(domain: Domain, generator: Generator, store: Store, plan: RunPlan, progress: bool, allow_drift: bool,
+           engine: Engine) -> RunResult:
+    todo = [ShardState.from_row(r) for r in store.shards(plan.run_id) if r["status"] != "done"]
     gate = None
-    generated, valid_seen = accepted + rejected + surplus, accepted + surplus
     started = time.perf_counter()
     status = "failed"
     try:
         with _progress(progress) as bar:
-            task = bar.add_task("generate", total=n, completed=accepted, attempted=accepted + rejected,
-                                rate=accepted / max(1, accepted + rejected))
-            while accepted < n:
-                if generated >= max_attempts:
-                    raise AttemptBudgetExceeded(_budget_message(store, run_id, n, accepted, generated, max_attempts))
-                k = min(next_batch_size(batch_size, n - accepted, valid_seen, generated), max_attempts - generated)
-                texts = generator.generate(k, batch_seed(seed, batch))
-                if len(texts) != k:
-                    raise RuntimeError(f"generator {generator.model_id} returned {len(texts)} texts, asked for {k}")
-                records, rejections, n_valid, n_taken = _judge(domain, gen_cols, texts, run_id, batch, generated,
-                                                               n - accepted, privacy)
-                n_rejected = rejections["attempt_id"].n_unique() if rejections.height else 0
-                accepted += n_taken
-                rejected += n_rejected
-                surplus += n_valid - n_taken
-                valid_seen += n_valid
-                generated += k
-                store.write_batch(run_id, domain, records, rejections,
-                                  {"attempted": accepted + rejected, "accepted": accepted, "rejected": rejected,
-                                   "surplus": surplus})
-                batch += 1
-                bar.update(task, completed=accepted, attempted=accepted + rejected,
-                           rate=accepted / max(1, accepted + rejected))
-        if gates:
-            gate = run_gate(store, domain, run_id, allow_drift)
+            run = store.run(plan.run_id)
+            task = bar.add_task("generate", total=plan.n, completed=run["accepted"], attempted=run["attempted"],
+                                rate=run["accepted"] / max(1, run["attempted"]))
+
+            def on_progress():
+                if bar.disable:
+                    return
+                r = store.run(plan.run_id)
+                bar.update(task, completed=r["accepted"], attempted=r["attempted"],
+                           rate=r["accepted"] / max(1, r["attempted"]))
+            engine.run(domain, generator, store, plan, todo, on_progress)
+        if plan.gates:
+            gate = run_gate(store, domain, plan.run_id, allow_drift)
         status = "gate_failed" if gate is not None and gate.blocks_export else "succeeded"
     finally:
-        store.finish_run(run_id, status)
-    top = [(r["stage"], r["rule"], r["attempts"]) for r in store.rejection_counts(run_id, limit=5).to_dicts()]
-    return RunResult(run_id, n, accepted, accepted + rejected, rejected, surplus, batch,
-                     time.perf_counter() - started, top, gate)
+        store.finish_run(plan.run_id, status)
+    run = store.run(plan.run_id)
+    batches = sum(s["batches"] for s in store.shards(plan.run_id))
+    top = [(r["stage"], r["rule"], r["attempts"]) for r in store.rejection_counts(plan.run_id, limit=5).to_dicts()]
+    return RunResult(plan.run_id, plan.n, run["accepted"], run["attempted"], run["rejected"], run["surplus"],
+                     batches, time.perf_counter() - started, top, gate, plan.n_shards)
 
 
-def _judge(domain: Domain, gen_cols: list[str], texts: list[str], run_id: str, batch: int, first_attempt: int,
-           wanted: int, privacy: PrivacyFilter | None = None) -> tuple[pl.DataFrame, pl.DataFrame, int, int]:
+def _judge(domain: Domain, gen_cols: list[str], texts: list[str], run_id: str, shard: int, batch: int,
+           first_attempt: int, wanted: int, privacy: PrivacyFilter | None = None) -> tuple[pl.DataFrame, pl.DataFrame, int, int]:
     """Parse, complete and validate one batch (vectorized); rule-valid records then go
     through the privacy filter.
 
@@ -218,19 +331,22 @@ def _judge(domain: Domain, gen_cols: list[str], texts: list[str], run_id: str, b
     n_valid = valid_rows.height
     taken = valid_rows.head(wanted)
     records = taken.select(
-        pl.lit(run_id).alias("run_id"), pl.col("attempt_id").alias("record_id"), pl.lit(batch, pl.Int64).alias("batch"),
+        pl.lit(run_id).alias("run_id"), pl.lit(shard, pl.Int64).alias("shard"), pl.col("attempt_id").alias("record_id"),
+        pl.lit(batch, pl.Int64).alias("batch"),
         *domain.spec.names)
     rule_rows = validation.failures.select(
         attempt_ids.gather(validation.failures["row"]).alias("attempt_id"), "stage", "rule", "message")
     rejections = pl.concat([parse_rows, rule_rows, privacy_rows]).sort("attempt_id", maintain_order=True)
     raw = pl.Series("raw_text", texts, dtype=pl.String).gather(rejections["attempt_id"] - first_attempt)
     rejections = rejections.with_columns(
-        raw, pl.lit(run_id).alias("run_id"), pl.lit(batch, pl.Int64).alias("batch")).select(list(REJECTION_SCHEMA))
+        raw, pl.lit(run_id).alias("run_id"), pl.lit(shard, pl.Int64).alias("shard"),
+        pl.lit(batch, pl.Int64).alias("batch")).select(list(REJECTION_SCHEMA))
     return records, rejections, n_valid, taken.height
 
 
-def _budget_message(store: Store, run_id: str, n: int, accepted: int, generated: int, max_attempts: int) -> str:
-    top = store.rejection_counts(run_id, limit=5).to_dicts()
+def _budget_message(store: Store, plan: RunPlan, state: ShardState) -> str:
+    top = store.rejection_counts(plan.run_id, limit=5).to_dicts()
     reasons = "; ".join(f"{r['stage']}/{r['rule']}: {r['attempts']:,}" for r in top) or "none recorded"
-    return (f"attempt budget exhausted: accepted {accepted:,} of {n:,} records after {generated:,} attempts "
-            f"(max {max_attempts:,}); top rejection reasons: {reasons}")
+    where = "" if plan.n_shards == 1 else f" in shard {state.shard} of {plan.n_shards}"
+    return (f"attempt budget exhausted{where}: accepted {state.accepted:,} of {state.n:,} records after "
+            f"{state.generated:,} attempts (max {plan.shard_budget(state.n):,}); top rejection reasons: {reasons}")

@@ -4,11 +4,20 @@ The static tables are in schemas/ddl.sql. A domain's `records` table is derived
 from its TableSpec, so its columns are typed exactly as the spec says. All writes
 of a batch (records, rejections, run counters) happen in one transaction: a
 crash never leaves half a batch, and the counters always match the tables.
+
+Concurrent readers: DuckDB lets one process write a file, or several read it, never
+both at once. A writing Store therefore holds the file only while it touches it: the
+generation loop calls `release()` after each batch, so between batches (while the
+model generates) `factory sql` and other read-only Stores can open the file. Opening
+waits while another process holds a conflicting lock (FACTORY_LOCK_TIMEOUT seconds,
+default 120 for writers, 30 for readers) and then fails with a clear StoreError.
 """
 from __future__ import annotations
 
 import json
+import os
 import re
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -18,10 +27,11 @@ import polars as pl
 from factory import __version__
 from factory.domain import Domain
 
-SCHEMA_VERSION = "2"  # 2: checks table, runs.gate, gate_failed status, run-level rejections
+SCHEMA_VERSION = "3"  # 2: checks table, runs.gate, gate_failed status, run-level rejections; 3: shards
 DDL_PATH = Path(__file__).resolve().parent.parent / "schemas" / "ddl.sql"
 RESERVED_SCHEMAS = {"main", "temp", "information_schema", "pg_catalog", "system", "memory"}
 _IDENT = re.compile(r"[a-z_][a-z0-9_]*\Z")
+WRITER_LOCK_TIMEOUT, READER_LOCK_TIMEOUT = 120.0, 30.0
 
 
 class StoreError(RuntimeError):
@@ -48,19 +58,21 @@ def records_ddl(domain: Domain) -> list[str]:
     cols = ",\n    ".join(f'"{c.name}" {c.sql_type}' + ("" if c.nullable else " NOT NULL") for c in domain.spec.columns)
     return [
         f'CREATE SCHEMA IF NOT EXISTS "{s}"',
-        f'CREATE TABLE IF NOT EXISTS "{s}".records (\n    run_id VARCHAR NOT NULL,\n    record_id BIGINT NOT NULL,\n'
-        f'    batch BIGINT NOT NULL,\n    {cols},\n    PRIMARY KEY (run_id, record_id)\n)',
+        f'CREATE TABLE IF NOT EXISTS "{s}".records (\n    run_id VARCHAR NOT NULL,\n    shard BIGINT NOT NULL,\n'
+        f'    record_id BIGINT NOT NULL,\n    batch BIGINT NOT NULL,\n    {cols},\n'
+        f'    PRIMARY KEY (run_id, shard, record_id)\n)',
         # "Which model produced this record?" — every record with its run's lineage.
-        f'CREATE OR REPLACE VIEW "{s}".lineage AS SELECT r.run_id, r.record_id, r.batch, u.model_id, '
-        f'u.model_version, u.seed, u.rule_set_hash, u.factory_version, u.started_at, '
-        f'r.* EXCLUDE (run_id, record_id, batch) FROM "{s}".records r JOIN main.runs u USING (run_id)',
+        f'CREATE OR REPLACE VIEW "{s}".lineage AS SELECT r.run_id, r.shard, r.record_id, r.batch, '
+        f'u.model_id, u.model_version, u.seed, u.rule_set_hash, u.factory_version, u.started_at, '
+        f'r.* EXCLUDE (run_id, shard, record_id, batch) FROM "{s}".records r JOIN main.runs u USING (run_id)',
     ]
 
 
 class Store:
     """A factory database file (or ":memory:"). Use as a context manager."""
 
-    def __init__(self, path: str | Path = "factory.duckdb", read_only: bool = False):
+    def __init__(self, path: str | Path = "factory.duckdb", read_only: bool = False,
+                 lock_timeout: float | None = None):
         self.path = str(path)
         self.read_only = read_only
         in_memory = self.path == ":memory:"
@@ -74,16 +86,52 @@ class Store:
                 raise StoreError(f"cannot create database {p}: directory {p.parent} does not exist")
         # Read-only sessions (`factory sql`) also get no file-system access: a query can
         # read the store, but not COPY it elsewhere, ATTACH another file or read local files.
-        config = {"enable_external_access": False} if read_only else {}
-        try:
-            self.con = duckdb.connect(self.path, read_only=read_only, config=config)
-        except duckdb.Error as e:
-            raise StoreError(f"cannot open {self.path} as a DuckDB database: {_first_line(e)}") from None
+        self._config = {"enable_external_access": False} if read_only else {}
+        default = READER_LOCK_TIMEOUT if read_only else WRITER_LOCK_TIMEOUT
+        if lock_timeout is None:
+            try:
+                lock_timeout = float(os.environ.get("FACTORY_LOCK_TIMEOUT", default))
+            except ValueError:
+                raise StoreError(f"FACTORY_LOCK_TIMEOUT must be a number of seconds, got "
+                                 f"{os.environ['FACTORY_LOCK_TIMEOUT']!r}") from None
+        self.lock_timeout = lock_timeout
+        self._con: duckdb.DuckDBPyConnection | None = None
         try:
             self._check_or_init()
         except BaseException:
-            self.con.close()
+            self.close()
             raise
+
+    def _connect(self) -> duckdb.DuckDBPyConnection:
+        deadline = time.monotonic() + self.lock_timeout
+        wait = 0.02
+        while True:
+            try:
+                return duckdb.connect(self.path, read_only=self.read_only, config=self._config)
+            except duckdb.Error as e:
+                locked = isinstance(e, duckdb.IOException) and "conflicting lock" in str(e).lower()
+                if not locked:
+                    raise StoreError(f"cannot open {self.path} as a DuckDB database: {_first_line(e)}") from None
+                if time.monotonic() >= deadline:
+                    raise StoreError(f"cannot open {self.path}: another process holds it ({_first_line(e)}); waited "
+                                     f"{self.lock_timeout:g} s: close long-lived sessions on the file, or set "
+                                     "FACTORY_LOCK_TIMEOUT") from None
+            time.sleep(min(wait, max(0.0, deadline - time.monotonic())))
+            wait = min(wait * 2, 0.5)
+
+    @property
+    def con(self) -> duckdb.DuckDBPyConnection:
+        """The open connection; (re)opened on first use after `release()`."""
+        if self._con is None:
+            self._con = self._connect()
+        return self._con
+
+    def release(self) -> None:
+        """Close the file so other processes can open it; the next use reopens it.
+        A no-op for ":memory:" (closing would lose the database)."""
+        if self.path != ":memory:" and self._con is not None:
+            self._con.close()
+            self._con = None
 
     def __enter__(self) -> Store:
         return self
@@ -92,7 +140,9 @@ class Store:
         self.close()
 
     def close(self) -> None:
-        self.con.close()
+        if self._con is not None:
+            self._con.close()
+            self._con = None
 
     # ---- schema ------------------------------------------------------------------------------
     def _tables(self) -> set[tuple[str, str]]:
@@ -127,7 +177,7 @@ class Store:
             have = self.con.execute(
                 "SELECT column_name, data_type FROM information_schema.columns "
                 "WHERE table_schema = ? AND table_name = 'records' ORDER BY ordinal_position", [s]).fetchall()
-            want = [("run_id", "VARCHAR"), ("record_id", "BIGINT"), ("batch", "BIGINT")] + [
+            want = [("run_id", "VARCHAR"), ("shard", "BIGINT"), ("record_id", "BIGINT"), ("batch", "BIGINT")] + [
                 (c.name, c.sql_type) for c in domain.spec.columns]
             if [(n, t.upper()) for n, t in have] != want:
                 raise StoreError(f"{self.path}: table {s}.records was made for a different {s} column spec; "
@@ -142,29 +192,60 @@ class Store:
 
     # ---- runs --------------------------------------------------------------------------------
     def start_run(self, run_id: str, domain: Domain, model_id: str, model_version: str, seed: int,
-                  requested_n: int, batch_size: int, settings: dict) -> None:
+                  requested_n: int, batch_size: int, settings: dict, shard_sizes: list[int] | None = None) -> None:
+        """A new run with status 'running' and its shards (one of requested_n unless `shard_sizes`)."""
+        shard_sizes = shard_sizes or [requested_n]
+        if sum(shard_sizes) != requested_n:
+            raise ValueError(f"shard sizes {shard_sizes} do not add up to n={requested_n}")
         self.ensure_domain(domain)
-        self.con.execute(
-            "INSERT INTO runs (run_id, domain, model_id, model_version, seed, requested_n, batch_size, rule_set_hash, "
-            "factory_version, settings, started_at, status) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'running')",
-            [run_id, domain.name, model_id, model_version, seed, requested_n, batch_size, domain.rule_set_hash,
-             __version__, json.dumps(settings, sort_keys=True), _now()])
+        self.con.begin()
+        try:
+            self.con.execute(
+                "INSERT INTO runs (run_id, domain, model_id, model_version, seed, requested_n, batch_size, "
+                "rule_set_hash, factory_version, settings, started_at, status) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'running')",
+                [run_id, domain.name, model_id, model_version, seed, requested_n, batch_size, domain.rule_set_hash,
+                 __version__, json.dumps(settings, sort_keys=True), _now()])
+            self.con.executemany("INSERT INTO shards (run_id, shard, requested_n, status) VALUES (?, ?, ?, 'pending')",
+                                 [[run_id, i, k] for i, k in enumerate(shard_sizes)])
+            self.con.commit()
+        except BaseException:
+            self.con.rollback()
+            raise
 
     def write_batch(self, run_id: str, domain: Domain, records: pl.DataFrame, rejections: pl.DataFrame,
-                    counters: dict[str, int]) -> None:
-        """Records (run_id, record_id, batch + spec columns), rejections and the run's new counters, atomically."""
+                    shard: int, counters: dict[str, int], done: bool = False, worker: str = "local") -> None:
+        """Records (run_id, shard, record_id, batch + spec columns), rejections, and the shard's
+        new counters (attempted, accepted, rejected, surplus, batches), atomically; the run's
+        counters become the sums over its shards. `done`: the shard has all its records.
+
+        Idempotent per shard: writing to a shard that is already done is refused (returns
+        without writing), so a shard delivered twice (a retried Ray task) is stored once."""
         s = domain_schema(domain)
         self.con.begin()
         try:
+            rows = self.con.execute("SELECT status FROM shards WHERE run_id = ? AND shard = ?",
+                                    [run_id, shard]).fetchall()
+            if not rows:
+                raise StoreError(f"run {run_id} has no shard {shard}")
+            if rows[0][0] == "done":
+                self.con.rollback()
+                return
             if records.height:
                 self.con.register("_batch_records", records.to_arrow())
                 self.con.execute(f'INSERT INTO "{s}".records BY NAME SELECT * FROM _batch_records')
             if rejections.height:
                 self.con.register("_batch_rejections", rejections.to_arrow())
                 self.con.execute("INSERT INTO rejections BY NAME SELECT * FROM _batch_rejections")
-            self.con.execute("UPDATE runs SET attempted = ?, accepted = ?, rejected = ?, surplus = ? WHERE run_id = ?",
-                             [counters["attempted"], counters["accepted"], counters["rejected"], counters["surplus"],
-                              run_id])
+            self.con.execute(
+                "UPDATE shards SET attempted = ?, accepted = ?, rejected = ?, surplus = ?, batches = ?, status = ?, "
+                "worker = ?, finished_at = ? WHERE run_id = ? AND shard = ?",
+                [counters["attempted"], counters["accepted"], counters["rejected"], counters["surplus"],
+                 counters["batches"], "done" if done else "running", worker, _now() if done else None, run_id, shard])
+            self.con.execute(
+                "UPDATE runs SET attempted = t.a, accepted = t.acc, rejected = t.r, surplus = t.s FROM ("
+                "SELECT sum(attempted) a, sum(accepted) acc, sum(rejected) r, sum(surplus) s FROM shards "
+                "WHERE run_id = ?) t WHERE run_id = ?", [run_id, run_id])
             self.con.commit()
         except BaseException:
             self.con.rollback()
@@ -173,20 +254,16 @@ class Store:
             for view in ("_batch_records", "_batch_rejections"):
                 self.con.unregister(view)
 
+    def shards(self, run_id: str) -> list[dict]:
+        """The run's shards in order, with their counters and status."""
+        return self.frame("SELECT * EXCLUDE (run_id) FROM shards WHERE run_id = ? ORDER BY shard", [run_id]).to_dicts()
+
     def run_settings(self, run_id: str) -> dict:
         settings = self.run(run_id)["settings"]
         return json.loads(settings) if isinstance(settings, str) else (settings or {})
 
     def reopen_run(self, run_id: str) -> None:
         self.con.execute("UPDATE runs SET status = 'running', finished_at = NULL WHERE run_id = ?", [run_id])
-
-    def batches_written(self, run_id: str, domain: Domain) -> int:
-        """Batches committed so far (every batch leaves records or attempt-level rejections)."""
-        s = domain_schema(domain)
-        return self.con.execute(
-            f"SELECT coalesce(max(b), -1) + 1 FROM (SELECT max(batch) b FROM {s}.records WHERE run_id = ? "
-            "UNION ALL SELECT max(batch) FROM rejections WHERE run_id = ? AND attempt_id IS NOT NULL)",
-            [run_id, run_id]).fetchone()[0]
 
     def finish_run(self, run_id: str, status: str) -> None:
         self.con.execute("UPDATE runs SET status = ?, finished_at = ? WHERE run_id = ?", [status, _now(), run_id])
@@ -231,12 +308,12 @@ class Store:
         return self.frame("SELECT * FROM runs ORDER BY started_at, run_id")
 
     def records(self, domain: Domain, run_id: str) -> pl.DataFrame:
-        """A run's accepted records in record_id order, spec columns only, with the spec's polars dtypes."""
+        """A run's accepted records in (shard, record_id) order, spec columns only, with the spec's polars dtypes."""
         s = domain_schema(domain)
         if (s, "records") not in self._tables():
             return domain.spec.empty_frame()
         cols = ", ".join(f'"{n}"' for n in domain.spec.names)
-        df = self.frame(f'SELECT {cols} FROM "{s}".records WHERE run_id = ? ORDER BY record_id', [run_id])
+        df = self.frame(f'SELECT {cols} FROM "{s}".records WHERE run_id = ? ORDER BY shard, record_id', [run_id])
         return df.cast(domain.spec.polars_schema(), strict=True)
 
     def checks(self, run_id: str) -> pl.DataFrame:

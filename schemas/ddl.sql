@@ -1,4 +1,4 @@
--- The factory's DuckDB store (schema version 2; bump factory.store.SCHEMA_VERSION on any change).
+-- The factory's DuckDB store (schema version 3; bump factory.store.SCHEMA_VERSION on any change).
 -- Static tables live in `main`. Each domain also gets a schema named after it holding
 -- `<domain>.records` (one typed column per spec column) and a `<domain>.lineage` view;
 -- those are derived from the domain's TableSpec by factory/store.py.
@@ -34,13 +34,33 @@ CREATE TABLE runs (
     surplus BIGINT NOT NULL DEFAULT 0     -- valid texts generated after the n-th acceptance; not stored
 );
 
+-- A run is split into shards (one, unless `--shards K`): shard s produces its share of
+-- requested_n with its own seeds, batches and attempt ids. Counters are per shard here
+-- and summed into `runs` in the same transaction. A shard is 'done' once it has all its
+-- records; the Ray engine ingests a finished shard in one transaction, exactly once.
+CREATE TABLE shards (
+    run_id VARCHAR NOT NULL,
+    shard BIGINT NOT NULL,
+    requested_n BIGINT NOT NULL,
+    status VARCHAR NOT NULL CHECK (status IN ('pending', 'running', 'done')),
+    batches BIGINT NOT NULL DEFAULT 0,    -- batches committed (the next batch's index)
+    attempted BIGINT NOT NULL DEFAULT 0,
+    accepted BIGINT NOT NULL DEFAULT 0,
+    rejected BIGINT NOT NULL DEFAULT 0,
+    surplus BIGINT NOT NULL DEFAULT 0,
+    worker VARCHAR,                       -- who produced it: 'local' or a Ray node/worker id
+    finished_at TIMESTAMP,
+    PRIMARY KEY (run_id, shard)
+);
+
 -- One row per failing rule per attempt: a text that breaks three rules has three rows.
--- attempt_id is the index of the generated text within its run. Stage 'privacy' rows
+-- attempt_id is the index of the generated text within its shard. Stage 'privacy' rows
 -- (rule exact_copy / near_copy) reject single records like rule failures. Stage
 -- 'distribution' rows reject a whole run (one per failed gate check, rule = check name):
 -- they have attempt_id, batch and raw_text NULL and are not counted in runs.rejected.
 CREATE TABLE rejections (
     run_id VARCHAR NOT NULL,
+    shard BIGINT,
     attempt_id BIGINT,
     batch BIGINT,
     stage VARCHAR NOT NULL CHECK (stage IN ('parse', 'schema', 'rule', 'distribution', 'privacy')),
@@ -48,7 +68,7 @@ CREATE TABLE rejections (
     message VARCHAR NOT NULL,
     raw_text VARCHAR,
     CHECK ((stage = 'distribution') = (attempt_id IS NULL)),
-    CHECK (attempt_id IS NULL OR (batch IS NOT NULL AND raw_text IS NOT NULL))
+    CHECK (attempt_id IS NULL OR (shard IS NOT NULL AND batch IS NOT NULL AND raw_text IS NOT NULL))
 );
 
 -- One row per distribution-gate check per run (factory/checks/distribution.py): the

@@ -6,7 +6,8 @@ import pytest
 
 from factory.baseline import MarginalBaseline
 from factory.generators import Generator, GeneratorError, load_generator
-from factory.loop import AttemptBudgetExceeded, batch_seed, next_batch_size, run_generation
+from factory.loop import (AttemptBudgetExceeded, batch_seed, next_batch_size, resume_generation, run_generation,
+                          shard_sizes)
 from factory.store import Store
 
 
@@ -145,18 +146,34 @@ def test_batch_is_atomic(toy, store):
     """If any part of a batch's write fails, none of it is stored (records, rejections, counters)."""
     gen = MarginalBaseline.fit(toy)
     result = run_generation(toy, gen, 20, seed=0, store=store, batch_size=64, progress=False)
-    before = (store.run(result.run_id), store.frame("SELECT count(*) n FROM rejections")["n"].item(),
+    store.start_run("open-run", toy, "baseline", "v", 0, 5, 8, {})
+    before = (store.run("open-run"), store.shards("open-run"), store.frame("SELECT count(*) n FROM rejections")["n"].item(),
               store.frame("SELECT count(*) n FROM toy.records")["n"].item())
     records = store.records(toy, result.run_id).head(2).with_columns(
-        run_id=pl.lit(result.run_id), record_id=pl.Series([10_000, 10_001]), batch=pl.lit(99))
-    bad_rejections = pl.DataFrame({"run_id": [result.run_id], "attempt_id": [10_002], "batch": [99],
+        run_id=pl.lit("open-run"), shard=pl.lit(0), record_id=pl.Series([0, 1]), batch=pl.lit(0))
+    bad_rejections = pl.DataFrame({"run_id": ["open-run"], "shard": [0], "attempt_id": [2], "batch": [0],
                                    "stage": ["not-a-stage"], "rule": ["x"], "message": ["x"], "raw_text": ["x"]})
+    counters = {"attempted": 3, "accepted": 2, "rejected": 1, "surplus": 0, "batches": 1}
     with pytest.raises(duckdb.ConstraintException):
-        store.write_batch(result.run_id, toy, records, bad_rejections,
-                          {"attempted": 1, "accepted": 1, "rejected": 1, "surplus": 1})
-    after = (store.run(result.run_id), store.frame("SELECT count(*) n FROM rejections")["n"].item(),
+        store.write_batch("open-run", toy, records, bad_rejections, 0, counters)
+    after = (store.run("open-run"), store.shards("open-run"), store.frame("SELECT count(*) n FROM rejections")["n"].item(),
              store.frame("SELECT count(*) n FROM toy.records")["n"].item())
     assert after == before
+    store.write_batch("open-run", toy, records, bad_rejections.clear(), 0, counters)  # the same batch, valid
+    assert store.run("open-run")["accepted"] == 2 and store.shards("open-run")[0]["status"] == "running"
+
+
+def test_a_done_shard_is_stored_once(toy, store):
+    """Delivering a finished shard again (a retried Ray task) changes nothing."""
+    gen = MarginalBaseline.fit(toy)
+    result = run_generation(toy, gen, 20, seed=0, store=store, batch_size=64, progress=False)
+    before = (store.run(result.run_id), store.records(toy, result.run_id))
+    again = store.records(toy, result.run_id).with_columns(
+        run_id=pl.lit(result.run_id), shard=pl.lit(0), record_id=pl.int_range(100, 120), batch=pl.lit(7))
+    store.write_batch(result.run_id, toy, again, pl.DataFrame(), 0,
+                      {"attempted": 99, "accepted": 99, "rejected": 0, "surplus": 0, "batches": 9}, done=True)
+    after = (store.run(result.run_id), store.records(toy, result.run_id))
+    assert after[0] == before[0] and after[1].equals(before[1])
 
 
 def test_invalid_arguments(toy, store):
@@ -208,3 +225,68 @@ def test_load_generator_errors(finance, toy, tmp_path):
     incomplete = dataclasses.replace(finance, root=tmp_path)
     with pytest.raises(GeneratorError, match="missing .*factory train --domain finance"):
         load_generator(incomplete, "difflm")
+
+
+# ---- shards --------------------------------------------------------------------------------------
+def test_shard_sizes_and_seeds():
+    assert shard_sizes(10, 3) == [4, 3, 3] and shard_sizes(5, 5) == [1] * 5 and shard_sizes(7, 1) == [7]
+    for bad in (0, 11, -1):
+        with pytest.raises(ValueError, match="shards must be between 1 and n"):
+            shard_sizes(10, bad)
+    # a one-shard run keeps the seeds runs always had; shards get their own, all distinct
+    assert batch_seed(3, 0) == batch_seed(3, 0, None)
+    seeds = {batch_seed(3, b, s) for s in range(4) for b in range(50)} | {batch_seed(3, b) for b in range(50)}
+    assert len(seeds) == 250
+
+
+def test_sharded_run_accounting(toy, store):
+    gen = MarginalBaseline.fit(toy)
+    result = run_generation(toy, gen, 101, seed=4, store=store, batch_size=16, shards=3, progress=False)
+    shards = store.shards(result.run_id)
+    assert [s["requested_n"] for s in shards] == [34, 34, 33] == [s["accepted"] for s in shards]
+    assert all(s["status"] == "done" and s["worker"] == "local" for s in shards)
+    run = store.run(result.run_id)
+    for col in ("attempted", "accepted", "rejected", "surplus"):
+        assert run[col] == sum(s[col] for s in shards)
+    per_shard = store.frame(f"SELECT shard, count(*) n, count(DISTINCT record_id) d FROM toy.records "
+                            f"WHERE run_id = ? GROUP BY shard ORDER BY shard", [result.run_id])
+    assert per_shard["n"].to_list() == per_shard["d"].to_list() == [34, 34, 33]
+    rej = store.frame("SELECT shard, count(DISTINCT attempt_id) n FROM rejections WHERE run_id = ? "
+                      "GROUP BY shard ORDER BY shard", [result.run_id])
+    assert rej["n"].to_list() == [s["rejected"] for s in shards if s["rejected"]]
+    assert result.batches == sum(s["batches"] for s in shards) and result.shards == 3
+    # a different shard count is a different (still valid) sample
+    other = run_generation(toy, gen, 101, seed=4, store=store, batch_size=16, shards=2, progress=False)
+    assert not store.records(toy, other.run_id).equals(store.records(toy, result.run_id))
+
+
+class Crashing:
+    """Wraps a generator; raises after `after` calls, like a process killed mid-run."""
+
+    def __init__(self, inner, after):
+        self.inner, self.after, self.calls = inner, after, 0
+        self.model_id, self.model_version = inner.model_id, inner.model_version
+
+    def generate(self, n, seed):
+        self.calls += 1
+        if self.calls > self.after:
+            raise KeyboardInterrupt("killed")
+        return self.inner.generate(n, seed)
+
+
+@pytest.mark.parametrize("after", [1, 4, 9])
+def test_interrupted_sharded_run_resumes_to_the_same_records(toy, store, after):
+    gen = MarginalBaseline.fit(toy)
+    ref = run_generation(toy, gen, 90, seed=8, store=store, batch_size=12, shards=3, progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        run_generation(toy, Crashing(gen, after), 90, seed=8, store=store, batch_size=12, shards=3,
+                       progress=False, run_id="crashed")
+    assert store.run("crashed")["status"] == "failed"
+    assert sum(s["status"] == "done" for s in store.shards("crashed")) < 3
+    resumed = resume_generation(toy, gen, store, "crashed", progress=False)
+    assert resumed.accepted == 90
+    assert store.records(toy, "crashed").equals(store.records(toy, ref.run_id))
+    cols = ["attempted", "accepted", "rejected", "surplus"]
+    assert [store.run("crashed")[c] for c in cols] == [store.run(ref.run_id)[c] for c in cols]
+    key = "SELECT shard, attempt_id, rule, raw_text FROM rejections WHERE run_id = ? ORDER BY ALL"
+    assert store.frame(key, ["crashed"]).equals(store.frame(key, [ref.run_id]))
