@@ -30,7 +30,8 @@ from factory.domain import DomainError, available_domains, load_domain
 from factory.export import ExportError, check_target, export_run, manifest_path
 from factory.generators import GENERATORS, GeneratorError, default_model, load_generator
 from factory.inputs import InputError, read_table
-from factory.loop import AttemptBudgetExceeded, ResumeError, resume_generation, run_generation
+from factory.loop import AttemptBudgetExceeded, LocalEngine, ResumeError, resume_generation, run_generation
+from factory.ray_engine import EngineError, GeneratorSpec, RayEngine
 from factory.store import Store, StoreError
 
 app = typer.Typer(name="factory", help=__doc__.split("\n")[0], no_args_is_help=True, add_completion=False,
@@ -40,7 +41,8 @@ _PIPED_WIDTH = None if sys.stdout.isatty() or "COLUMNS" in os.environ else 160
 out = Console(width=_PIPED_WIDTH)
 err = Console(stderr=True, width=_PIPED_WIDTH)
 
-USER_ERRORS = (DomainError, StoreError, ExportError, GeneratorError, InputError, GateError)
+USER_ERRORS = (DomainError, StoreError, ExportError, GeneratorError, InputError, GateError, EngineError)
+ENGINES = ("local", "ray")
 ALLOW_DRIFT = typer.Option(False, "--allow-drift",
                            help="export even if the distribution gate failed (the manifest records the override)")
 DB_OPTION = typer.Option(Path("factory.duckdb"), "--db", help="DuckDB file holding runs, records and rejections")
@@ -130,16 +132,30 @@ def generate(
     model_dir: Optional[Path] = typer.Option(None, "--model-dir", help="difflm: a trained stack folder (default: the domain's shipped model/)"),
     allow_drift: bool = ALLOW_DRIFT,
     resume: Optional[str] = typer.Option(None, "--resume", help="continue an interrupted run (its settings are reused)"),
+    shards: Optional[int] = typer.Option(None, "--shards", help="split the run into this many shards, each with "
+                                         "its own seeds; same seed and shards give the same records on any engine "
+                                         "(default: 1 with --engine local, 4 per worker with --engine ray)"),
+    engine: str = typer.Option("local", "--engine", help="local: this process; ray: a Ray cluster (pip install "
+                               "factory[ray])"),
+    address: Optional[str] = typer.Option(None, "--address", help="ray: an existing cluster (e.g. ray://head:10001 "
+                                          "or auto); default: start a local cluster for this run"),
+    workers: int = typer.Option(2, "--workers", help="ray: worker processes (one CPU and one model each)"),
 ):
     """Generate N records that pass every rule, record the run in DuckDB, optionally export them.
 
     Records that copy a training row are rejected (stage 'privacy') and replaced. After the
     run, the distribution gate compares the records with the train split; if a check fails,
     nothing is exported and the exit code is 3, unless --allow-drift."""
+    if engine not in ENGINES:
+        fail(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    if engine != "ray" and (address is not None or workers != 2):
+        fail("--address and --workers apply to --engine ray only")
+    if workers <= 0:
+        fail(f"--workers must be positive, got {workers}")
     if resume is not None:
-        if domain is not None or n is not None or model is not None or model_dir is not None or batch_size is not None:
-            fail("--resume reuses the run's own domain, n, seed, model and batch size; do not pass them")
-        return _resume(resume, db, out_path, force, quiet, allow_drift)
+        if any(v is not None for v in (domain, n, model, model_dir, batch_size, shards)):
+            fail("--resume reuses the run's own domain, n, seed, model, batch size and shards; do not pass them")
+        return _resume(resume, db, out_path, force, quiet, allow_drift, engine, address, workers)
     if domain is None or n is None:
         fail("generate needs --domain and -n (or --resume RUN_ID)")
     if n <= 0:
@@ -150,6 +166,10 @@ def generate(
         fail(f"--batch-size must be positive, got {batch_size}")
     if max_attempts is not None and max_attempts <= 0:
         fail(f"--max-attempts must be positive, got {max_attempts}")
+    if shards is None:
+        shards = min(n, 4 * workers) if engine == "ray" else 1
+    if not 1 <= shards <= n:
+        fail(f"--shards must be between 1 and n ({n:,}), got {shards}")
     d = load_domain(domain)
     if out_path is not None:
         check_target(out_path, force)  # before the run, not after it
@@ -159,7 +179,8 @@ def generate(
     with Store(db) as store:
         try:
             result = run_generation(d, generator, n, seed, store, size, max_attempts=max_attempts,
-                                    progress=not quiet, allow_drift=allow_drift,
+                                    progress=not quiet, allow_drift=allow_drift, shards=shards,
+                                    engine=_engine(engine, d, model, model_dir, address, workers),
                                     settings={"model": model or default_model(d),
                                               "model_dir": str(model_dir) if model_dir else None,
                                               **getattr(generator, "settings", {})})
@@ -168,7 +189,15 @@ def generate(
         _finish(store, d, generator, result, n, out_path, force, allow_drift, db, started)
 
 
-def _resume(run_id: str, db: Path, out_path: Optional[Path], force: bool, quiet: bool, allow_drift: bool):
+def _engine(name: str, d, model, model_dir, address, workers):
+    if name == "local":
+        return LocalEngine()
+    spec = GeneratorSpec(d.name, model, str(Path(model_dir).resolve()) if model_dir else None)
+    return RayEngine(spec, address=address, workers=workers)
+
+
+def _resume(run_id: str, db: Path, out_path: Optional[Path], force: bool, quiet: bool, allow_drift: bool,
+            engine: str, address: Optional[str], workers: int):
     if not Path(db).exists():
         fail(f"no database at {db}")
     if out_path is not None:
@@ -180,7 +209,9 @@ def _resume(run_id: str, db: Path, out_path: Optional[Path], force: bool, quiet:
         settings = store.run_settings(run_id)
         generator = load_generator(d, settings.get("model"), model_dir=settings.get("model_dir"))
         try:
-            result = resume_generation(d, generator, store, run_id, progress=not quiet, allow_drift=allow_drift)
+            result = resume_generation(d, generator, store, run_id, progress=not quiet, allow_drift=allow_drift,
+                                       engine=_engine(engine, d, settings.get("model"), settings.get("model_dir"),
+                                                      address, workers))
         except ResumeError as e:
             fail(str(e))
         except AttemptBudgetExceeded as e:
@@ -207,6 +238,7 @@ def _finish(store, d, generator, result, n, out_path, force, allow_drift, db, st
         ("rejected", f"{result.rejected:,}"),
         ("acceptance", f"{result.acceptance_rate:.2%}"),
         ("surplus", f"{result.surplus:,}"),
+        ("shards", f"{result.shards:,}"),
         ("gate", gate_line),
         ("wall time", f"{time.perf_counter() - started:.1f} s"),
         ("database", str(db)),
