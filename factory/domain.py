@@ -31,6 +31,14 @@ class DomainError(ValueError):
     pass
 
 
+class FrameError(ValueError):
+    """A frame handed to `Domain.complete` lacks a generated column or has one of another dtype.
+
+    The message names every such column (and its dtype). `complete` cannot derive columns from
+    such a frame; `Validator.validate`, which judges rows, reports the same faults as row failures.
+    """
+
+
 @dataclass
 class Domain:
     name: str
@@ -61,8 +69,18 @@ class Domain:
         return self.root / "model"
 
     def complete(self, generated: pl.DataFrame) -> pl.DataFrame:
-        """Generated columns -> full records in spec order (derived columns filled)."""
-        return self.derive(generated).select(self.spec.names)
+        """Generated columns -> full records in spec order (derived columns filled; other columns dropped).
+
+        A generated column that is missing or of another dtype than the spec's is a FrameError."""
+        faults = []
+        for name, dtype in self.spec.polars_schema(self.spec.generated_names).items():
+            if name not in generated.columns:
+                faults.append(f"column {name!r} is missing")
+            elif generated.schema[name] != dtype:
+                faults.append(f"column {name!r} is {generated.schema[name]}, expected {dtype}")
+        if faults:
+            raise FrameError(f"cannot complete {self.name} records: " + "; ".join(faults))
+        return self.derive(generated.select(self.spec.generated_names)).select(self.spec.names)
 
 
 def search_paths() -> list[Path]:

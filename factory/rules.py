@@ -4,6 +4,12 @@ Two stages are told apart, as the rejections table records them:
 - "schema": a column's own type, range, category or nullability;
 - "rule": a cross-field domain rule (a `Rule`).
 Each failure carries a stable rule name and a human message.
+
+A frame whose columns do not match the spec is not an error either: every row fails,
+with one schema-stage failure per faulty column — `<col>.present` (the column is
+missing), `<col>.unexpected` (a column the spec does not have) or `<col>.dtype` (a
+column of another dtype). Checks that cannot run on such a frame (a rule reading a
+missing column) are not reported as broken; the checks that can run still are.
 """
 from __future__ import annotations
 
@@ -90,40 +96,58 @@ class Validator:
                 self.messages[name] = msg
                 self.rule_order[name] = i * 10 + k
 
+    def structure_faults(self, df: pl.DataFrame) -> dict[str, str]:
+        """Rule name -> message of each column fault: missing, unexpected or of another dtype."""
+        spec_dtypes = self.spec.polars_schema()
+        faults = {f"{name}.present": f"column {name} is missing" for name in spec_dtypes if name not in df.columns}
+        for name, dtype in df.schema.items():
+            if name not in spec_dtypes:
+                faults[f"{name}.unexpected"] = f"column {name} is not a column of this table"
+            elif dtype != spec_dtypes[name]:
+                faults[f"{name}.dtype"] = f"{self.messages[f'{name}.dtype']}, got {dtype}"
+        return faults
+
     def validate(self, df: pl.DataFrame) -> Validation:
         n = df.height
-        empty = pl.DataFrame(schema={"row": pl.Int64, "stage": pl.String, "rule": pl.String, "message": pl.String,
-                                     "stage_order": pl.Int64, "rule_order": pl.Int64})
+        faults = self.structure_faults(df)
+        rows = [(i, "schema", name) for name in faults for i in range(n)]  # a column fault fails every row
+        # Pandera sees only the columns of the spec's dtypes: others can crash it (polars panics
+        # writing a Binary failure case to JSON), and their faults are already named above.
+        bad = [name.rsplit(".", 1)[0] for name in faults if not name.endswith(".present")]
         try:
-            self.schema.validate(df, lazy=True)
-            return Validation(pl.Series("valid", [True] * n, dtype=pl.Boolean), empty)
+            self.schema.validate(df.drop(bad), lazy=True)
+            fc = None
         except pa.errors.SchemaErrors as e:
             fc = e.failure_cases
-        except pa.errors.SchemaError as e:  # non-lazy structural errors
-            raise ValueError(str(e)) from None
-        rows = []
-        for r in fc.iter_rows(named=True):
+        except pa.errors.SchemaError as e:  # pandera gave up before checking values: only a column fault does that
+            if not faults:
+                raise ValueError(f"pandera rejected a frame with the spec's columns and dtypes: {e}") from None
+            fc = None
+        for r in ([] if fc is None else fc.iter_rows(named=True)):
             idx, check, column = r["index"], r["check"] or "", r["column"]
+            if check.startswith("dtype(") or check in ("column_in_dataframe", "column_in_schema"):
+                continue  # column faults are found above, each named after its column
+            if idx is None and faults:
+                continue  # a check that could not run on a faulty frame (e.g. it reads a missing column)
             if r["schema_context"] == "DataFrameSchema" and check in self.rule_order and column is None:
                 stage, name = "rule", check
             else:
                 stage = "schema"
-                if check == "not_nullable":
-                    name = f"{column}.not_null"
-                elif check.startswith("dtype(") or check == "column_in_dataframe" or check == "column_in_schema":
-                    name = f"{column}.dtype" if check.startswith("dtype(") else f"{column}.{check}"
-                else:
-                    name = check
-            if idx is None:  # a whole-column failure (dtype, missing column): every row fails
-                for i in range(n):
-                    rows.append((i, stage, name))
+                name = f"{column}.not_null" if check == "not_nullable" else check
+            if idx is None:  # a check that raised on a well-formed frame: it fails every row
+                rows.extend((i, stage, name) for i in range(n))
             else:
                 rows.append((int(idx), stage, name))
+        if not rows:
+            empty = pl.DataFrame(schema={"row": pl.Int64, "stage": pl.String, "rule": pl.String,
+                                         "message": pl.String, "stage_order": pl.Int64, "rule_order": pl.Int64})
+            return Validation(pl.Series("valid", [True] * n, dtype=pl.Boolean), empty)
         failures = pl.DataFrame(rows, schema={"row": pl.Int64, "stage": pl.String, "rule": pl.String}, orient="row").unique(maintain_order=True)
         failures = failures.with_columns(
-            message=pl.col("rule").replace_strict(self.messages, default=pl.col("rule")),
+            message=pl.col("rule").replace_strict({**self.messages, **faults}, default=pl.col("rule")),
             stage_order=(pl.col("stage") == "rule").cast(pl.Int64),
-            rule_order=pl.col("rule").replace_strict(self.rule_order, default=10**6, return_dtype=pl.Int64),
+            rule_order=pl.col("rule").replace_strict({**self.rule_order, **dict.fromkeys(faults, -1)},  # faults first
+                                                     default=10**6, return_dtype=pl.Int64),
         )
         bad = set(failures["row"].to_list())
         valid = pl.Series("valid", [i not in bad for i in range(n)], dtype=pl.Boolean)
