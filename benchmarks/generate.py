@@ -25,6 +25,7 @@ import duckdb  # noqa: E402
 
 from benchmarks.machine import header, machine_info  # noqa: E402
 from factory.domain import load_domain  # noqa: E402
+from factory.store import ATTEMPT_KEY  # noqa: E402
 
 REPORTS = Path(__file__).resolve().parent.parent / "reports" / "benchmarks"
 TARGET_S, TARGET_RSS_GIB = 600, 4.0
@@ -44,10 +45,10 @@ def run_cli(domain: str, n: int, seed: int, model: str | None, work: Path) -> di
     run = con.execute("SELECT run_id, model_id, model_version, attempted, accepted, rejected, surplus, settings, "
                       "gate FROM runs").fetchone()
     failed_checks = con.execute("SELECT check_name, statistic, threshold FROM checks WHERE status = 'failed'").fetchall()
-    stages = dict(con.execute("SELECT stage, count(DISTINCT attempt_id) FROM rejections GROUP BY stage").fetchall())
-    rules = con.execute("SELECT rule, count(DISTINCT attempt_id) c FROM rejections GROUP BY rule ORDER BY c DESC "
+    stages = dict(con.execute(f"SELECT stage, count(DISTINCT {ATTEMPT_KEY}) FROM rejections GROUP BY stage").fetchall())
+    rules = con.execute(f"SELECT rule, count(DISTINCT {ATTEMPT_KEY}) c FROM rejections GROUP BY rule ORDER BY c DESC "
                         "LIMIT 8").fetchall()
-    rule_failed = con.execute("SELECT count(DISTINCT attempt_id) FROM rejections "
+    rule_failed = con.execute(f"SELECT count(DISTINCT {ATTEMPT_KEY}) FROM rejections "
                               "WHERE stage IN ('parse', 'schema', 'rule')").fetchone()[0]
     con.close()
     _, model_id, version, attempted, accepted, rejected, surplus, settings, gate = run

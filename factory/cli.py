@@ -389,17 +389,18 @@ def rejections(run_id: str = typer.Argument(..., help="run id (see `factory runs
         run = store.run(run_id)
         counts = store.rejection_counts(run_id)
         samples = store.frame(
-            "SELECT stage, rule, attempt_id, raw_text FROM rejections WHERE run_id = ? AND attempt_id IS NOT NULL "
+            "SELECT stage, rule, shard, attempt_id, raw_text FROM rejections WHERE run_id = ? AND attempt_id IS NOT NULL "
             "AND rule IN (SELECT rule FROM rejections WHERE run_id = ? AND attempt_id IS NOT NULL "
             "GROUP BY rule ORDER BY count(*) DESC, rule LIMIT ?) "
-            "QUALIFY row_number() OVER (PARTITION BY rule ORDER BY attempt_id) = 1 ORDER BY attempt_id",
+            "QUALIFY row_number() OVER (PARTITION BY rule ORDER BY shard, attempt_id) = 1 ORDER BY shard, attempt_id",
             [run_id, run_id, examples])
     out.print(f"run {run_id}: {run['rejected']:,} of {run['attempted']:,} attempts rejected "
               f"(a rejected attempt can break several rules)")
     if counts.height:
         print_frame(counts.select("stage", "rule", "attempts", "message"), title="rejections by rule")
     for r in samples.iter_rows(named=True):
-        out.print(Text(f"{r['stage']}/{r['rule']} attempt {r['attempt_id']}: ", style="bold")
+        where = f"attempt {r['attempt_id']}" + (f" of shard {r['shard']}" if r["shard"] else "")
+        out.print(Text(f"{r['stage']}/{r['rule']} {where}: ", style="bold")
                   + Text(r["raw_text"][:1000] + ("..." if len(r["raw_text"]) > 1000 else "")), soft_wrap=True)
 
 

@@ -20,7 +20,7 @@ import polars as pl
 from factory import __version__
 from factory.checks.gate import gate_status_for_export
 from factory.domain import Domain
-from factory.store import Store
+from factory.store import ATTEMPT_KEY, Store
 
 MANIFEST_SUFFIX = ".manifest.json"
 MANIFEST_VERSION = 1
@@ -92,10 +92,10 @@ def _iso(t) -> str | None:
 def build_manifest(store: Store, domain: Domain, run_id: str, path: Path, rows: int, gate: str | None) -> dict:
     run = store.run(run_id)
     by_stage = store.frame(
-        "SELECT stage, count(DISTINCT attempt_id) AS attempts, count(*) AS rows FROM rejections WHERE run_id = ? "
+        f"SELECT stage, count(DISTINCT {ATTEMPT_KEY}) AS attempts, count(*) AS rows FROM rejections WHERE run_id = ? "
         "GROUP BY stage ORDER BY stage", [run_id])
     by_rule = store.frame(
-        "SELECT stage, rule, count(DISTINCT attempt_id) AS attempts FROM rejections WHERE run_id = ? "
+        f"SELECT stage, rule, count(DISTINCT {ATTEMPT_KEY}) AS attempts FROM rejections WHERE run_id = ? "
         "GROUP BY stage, rule ORDER BY attempts DESC, stage, rule", [run_id])
     checks = store.checks(run_id).to_dicts()
     return {

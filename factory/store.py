@@ -32,6 +32,9 @@ DDL_PATH = Path(__file__).resolve().parent.parent / "schemas" / "ddl.sql"
 RESERVED_SCHEMAS = {"main", "temp", "information_schema", "pg_catalog", "system", "memory"}
 _IDENT = re.compile(r"[a-z_][a-z0-9_]*\Z")
 WRITER_LOCK_TIMEOUT, READER_LOCK_TIMEOUT = 120.0, 30.0
+# An attempt is identified by (shard, attempt_id); run-level rows (stage 'distribution') have none.
+# Use as count(DISTINCT ATTEMPT_KEY) to count attempts, not rejection rows.
+ATTEMPT_KEY = "CASE WHEN attempt_id IS NOT NULL THEN (shard, attempt_id) END"
 
 
 class StoreError(RuntimeError):

@@ -113,6 +113,26 @@ def test_export_round_trip(toy, toy_run, tmp_path, ext):
     assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # no temp file left
 
 
+def test_manifest_counts_attempts_per_shard(toy, store, tmp_path):
+    """Attempt ids restart in every shard: the manifest counts (shard, attempt) pairs."""
+    import json
+
+    result = run_generation(toy, MarginalBaseline.fit(toy), 120, seed=2, store=store, batch_size=16, shards=3,
+                            progress=False, allow_drift=True)
+    path = tmp_path / "sharded.parquet"
+    export_run(store, toy, result.run_id, path, allow_drift=True)
+    manifest = json.loads((tmp_path / "sharded.parquet.manifest.json").read_text())
+    rej = store.frame("SELECT shard, attempt_id, stage, rule FROM rejections WHERE run_id = ? AND attempt_id IS NOT NULL",
+                      [result.run_id])
+    per_shard = rej.group_by("shard", "stage").agg(pl.col("attempt_id").n_unique()).group_by("stage").agg(
+        pl.col("attempt_id").sum())
+    want = dict(per_shard.iter_rows())
+    assert want["rule"] > rej.filter(pl.col("stage") == "rule").group_by("shard").len()["len"].max()  # ids repeat
+    assert {k: v["attempts"] for k, v in manifest["rejections_by_stage"].items() if k != "distribution"} == want
+    assert manifest["settings"]["shards"] == 3 and manifest["settings"]["engine"] == "local"
+    assert manifest["counts"]["accepted"] == 120 == pl.read_parquet(path).height
+
+
 def test_export_refuses_overwrite(toy, toy_run, tmp_path):
     store, run_id = toy_run
     path = tmp_path / "out.parquet"
