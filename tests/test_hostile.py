@@ -13,17 +13,25 @@ The parser has its own fuzz tests (tests/test_serializer.py). Here:
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import os
+import re
+import shutil
 import string
 from datetime import date
 from decimal import Decimal
+from pathlib import Path
 
 import polars as pl
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from typer.testing import CliRunner
 
-from factory.domain import FrameError
+from factory.cli import app
+from factory.domain import DomainError, FrameError, load_domain
 from schemas.columns import Categorical, Numeric
 
 FUZZ = settings(max_examples=100, deadline=None,
@@ -262,3 +270,191 @@ def test_complete_names_the_faulty_column(finance, toy):
 def test_first_failure_of_a_faulty_frame_is_the_column_fault(toy):
     df = toy.load_split("train").head(2).drop("label").with_columns(height=pl.lit(99, pl.Int64))
     assert toy.validator.validate(df).first_failure()["rule"].to_list() == ["label.present"] * 2
+
+
+# ---- 2. malformed domain folders ---------------------------------------------------------------
+TOY = Path(__file__).resolve().parent / "domains" / "toy"
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def assert_one_line_error(result, *fragments, code=2):
+    assert result.exit_code == code, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    assert "Traceback" not in result.output and result.exception is None or isinstance(result.exception, SystemExit)
+    for f in fragments:
+        assert f in lines[0], lines[0]
+
+
+def make_domain(base: Path, name: str, config: str | None = None, edit=lambda src: src) -> Path:
+    """A copy of the toy domain named `name` under `base`, reading its settings from config.json
+    (text written as given: it may be anything)."""
+    folder = base / name
+    shutil.copytree(TOY, folder, ignore=shutil.ignore_patterns("__pycache__"))
+    src = (folder / "domain.py").read_text()
+    for old, new in [('name="toy"', f'name="{name}"'),
+                     ('config={"batch_size": 64}', "config=load_config(Path(__file__).parent)"),
+                     ("from factory.domain import Domain", "from factory.domain import Domain, load_config")]:
+        assert old in src
+        src = src.replace(old, new)
+    (folder / "domain.py").write_text(edit(src))
+    if config is not None:
+        (folder / "config.json").write_text(config)
+    return folder
+
+
+@pytest.fixture
+def bad_domains(tmp_path, monkeypatch):
+    """A folder on FACTORY_DOMAINS_PATH (before the test domains) for broken domains."""
+    base = tmp_path / "extra_domains"
+    base.mkdir()
+    monkeypatch.setenv("FACTORY_DOMAINS_PATH", os.pathsep.join([str(base), os.environ["FACTORY_DOMAINS_PATH"]]))
+    return base
+
+
+@pytest.fixture(scope="module")
+def existing_data(tmp_path_factory):
+    """A database holding one toy run, and an exported file: what a failed command must not touch."""
+    d = tmp_path_factory.mktemp("existing")
+    r = invoke("generate", "-d", "toy", "-n", 5, "--model", "baseline", "--db", d / "factory.duckdb",
+               "--out", d / "out.csv", "-q")
+    assert r.exit_code == 0, r.output
+    return d
+
+
+@pytest.fixture
+def data(existing_data, tmp_path):
+    """A fresh copy of the existing data; `unchanged()` says whether every file is byte-identical."""
+    d = tmp_path / "data"
+    shutil.copytree(existing_data, d)
+    before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in d.iterdir()}
+
+    class Data:
+        db, out = d / "factory.duckdb", d / "out.csv"
+
+        @staticmethod
+        def unchanged() -> bool:
+            return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in d.iterdir()} == before
+
+    return Data
+
+
+def _json(obj) -> str:
+    return json.dumps(obj, indent=1)
+
+
+BAD_CONFIGS = [  # (id, config.json text, what the one-line error must say besides the file)
+    ("invalid-json", '{"batch_size": 64,\n', "invalid JSON at line 2"),
+    ("empty-file", "", "invalid JSON at line 1"),
+    ("not-an-object", _json([1, 2]), "must be a JSON object, got list"),
+    ("batch-size-text", _json({"batch_size": "abc"}), 'batch_size must be a positive integer, got "abc"'),
+    ("batch-size-negative", _json({"batch_size": -5}), "batch_size must be a positive integer, got -5"),
+    ("batch-size-zero", _json({"batch_size": 0}), "batch_size must be a positive integer, got 0"),
+    ("batch-size-float", _json({"batch_size": 2.5}), "batch_size must be a positive integer, got 2.5"),
+    ("batch-size-bool", _json({"batch_size": True}), "batch_size must be a positive integer, got true"),
+    ("unknown-key", _json({"bach_size": 64}), "unknown key bach_size (known: default_model, batch_size"),
+    ("default-model", _json({"default_model": "gpt"}), 'default_model must be one of baseline, difflm, got "gpt"'),
+    ("train-not-object", _json({"train": "fast"}), 'train must be an object of training settings, got "fast"'),
+    ("mle-kind", _json({"mle_tasks": [{"name": "w", "target": "width", "kind": "ranking"}]}),
+     "mle_tasks[0].kind must be 'regression' or 'classification'"),
+    ("gates-not-object", _json({"gates": "strict"}), 'gates must be an object, got "strict"'),
+    ("gates-unknown-key", _json({"gates": {"alfa": 0.01}}), "unknown key gates.alfa"),
+    ("threshold-negative", _json({"gates": {"thresholds": {"ks:width": -0.1}}}),
+     "gates.thresholds.ks:width must be a number >= 0, got -0.1"),
+    ("threshold-text", _json({"gates": {"thresholds": {"ks:width": "abc"}}}),
+     'gates.thresholds.ks:width must be a number >= 0, got "abc"'),
+    ("threshold-nan", '{"gates": {"thresholds": {"tvd:kind": NaN}}}', "gates.thresholds.tvd:kind must be a number"),
+    ("coverage-above-1", _json({"gates": {"thresholds": {"coverage:kind": 1.5}}}),
+     "gates.thresholds.coverage:kind must be a number in [0, 1], got 1.5"),
+    ("thresholds-list", _json({"gates": {"thresholds": [0.1]}}), "gates.thresholds must be an object"),
+    ("alpha-zero", _json({"gates": {"alpha": 0}}), "gates.alpha must be a number between 0 and 1, got 0"),
+    ("alpha-text", _json({"gates": {"alpha": "0.01"}}), 'gates.alpha must be a number between 0 and 1, got "0.01"'),
+    ("min-rows-negative", _json({"gates": {"min_rows": -1}}), "gates.min_rows must be an integer >= 0, got -1"),
+    ("near-copy-negative", _json({"gates": {"privacy": {"near_copy_dcr": -1}}}),
+     "gates.privacy.near_copy_dcr must be a number >= 0 (or null), got -1"),
+    ("privacy-enabled-text", _json({"gates": {"privacy": {"enabled": "yes"}}}),
+     'gates.privacy.enabled must be true or false, got "yes"'),
+]
+
+
+@pytest.mark.parametrize("config,message", [c[1:] for c in BAD_CONFIGS], ids=[c[0] for c in BAD_CONFIGS])
+def test_bad_config_is_one_clear_line(bad_domains, data, config, message):
+    folder = make_domain(bad_domains, "broken", config)
+    where = f"{folder / 'config.json'}: "
+    with pytest.raises(DomainError) as e:
+        load_domain("broken")
+    assert str(e.value).startswith(where) and message in str(e.value), str(e.value)
+    assert_one_line_error(invoke("domains"), where, message)
+    assert_one_line_error(invoke("generate", "-d", "broken", "-n", 5, "--model", "baseline", "--db", data.db,
+                                 "--out", data.out, "--force", "-q"), where, message)
+    assert_one_line_error(invoke("validate", "-d", "broken", data.out), where, message)
+    assert data.unchanged()
+
+
+def test_a_good_config_copy_loads(bad_domains, data):
+    """The control for the cases above: the same copy with valid settings works end to end."""
+    make_domain(bad_domains, "fine", _json({"batch_size": 16, "default_model": "baseline",
+                                            "gates": {"min_rows": 200, "thresholds": {"ks:width": 0.2}}}))
+    assert load_domain("fine").config == {"batch_size": 16, "default_model": "baseline",
+                                          "gates": {"min_rows": 200, "thresholds": {"ks:width": 0.2}}}
+    r = invoke("domains")
+    assert r.exit_code == 0 and "fine  rectangles" in r.output, r.output
+    out = data.out.with_name("fine.csv")
+    r = invoke("generate", "-d", "fine", "-n", 5, "--db", data.db.with_name("other.duckdb"), "--out", out, "-q")
+    assert r.exit_code == 0, r.output
+    assert pl.read_csv(out).height == 5
+
+
+MISSING_FILES = [  # (id, how domain.py is changed, what the error says)
+    ("sibling-module", lambda s: s.replace("import polars as pl", "import polars as pl\nfrom .schema import SPEC2"),
+     "domain.py imports 'schema', but neither {folder}/schema.py nor {folder}/schema/ exists"),
+    ("sibling-name", lambda s: s.replace("import polars as pl", "import polars as pl\nfrom . import helpers"),
+     "domain.py: cannot import name 'helpers' from 'missing'"),
+    ("data-file-at-import", lambda s: s + '\nBANDS = (Path(__file__).parent / "data" / "bands.json").read_text()\n',
+     "domain.py reads {folder}/data/bands.json, which does not exist"),
+]
+
+
+@pytest.mark.parametrize("edit,message", [c[1:] for c in MISSING_FILES], ids=[c[0] for c in MISSING_FILES])
+def test_missing_file_is_one_clear_line(bad_domains, data, edit, message):
+    folder = make_domain(bad_domains, "missing", edit=edit)
+    message = message.format(folder=folder)
+    with pytest.raises(DomainError, match=re.escape(message)):
+        load_domain("missing")
+    assert_one_line_error(invoke("domains"), message)
+    assert_one_line_error(invoke("generate", "-d", "missing", "-n", 5, "--model", "baseline", "--db", data.db,
+                                 "-q"), message)
+    assert data.unchanged()
+
+
+def test_missing_data_file_of_a_split(bad_domains, data):
+    """The domain loads, but its training data is gone: generate stops before touching the database."""
+    folder = make_domain(bad_domains, "nodata", edit=lambda s: s.replace(
+        "    return _table()[lo:hi]", '    return pl.read_parquet(Path(__file__).parent / "data" / f"{name}.parquet")'))
+    assert invoke("domains").exit_code == 0
+    assert_one_line_error(invoke("generate", "-d", "nodata", "-n", 5, "--model", "baseline", "--db", data.db, "-q"),
+                          "domain 'nodata': the train split needs a file that does not exist:",
+                          "nodata/data/train.parquet")  # polars shortens the start of the path
+    assert data.unchanged()
+
+
+def test_folder_without_domain_py(bad_domains, data):
+    (bad_domains / "empty").mkdir()
+    (bad_domains / "empty" / "config.json").write_text("{}")
+    assert_one_line_error(invoke("generate", "-d", "empty", "-n", 5, "--db", data.db, "-q"),
+                          f"{bad_domains / 'empty'} is not a domain: it has no domain.py")
+    assert invoke("domains").exit_code == 0  # a folder without domain.py is not listed
+    assert data.unchanged()
+
+
+def test_domain_name_must_match_its_folder(bad_domains, data):
+    make_domain(bad_domains, "renamed", edit=lambda s: s.replace('name="renamed"', 'name="toy"'))
+    message = "domain.py defines a domain named 'toy'; its folder is 'renamed'"
+    assert_one_line_error(invoke("domains"), message)
+    assert_one_line_error(invoke("generate", "-d", "renamed", "-n", 5, "--model", "baseline", "--db", data.db,
+                                 "-q"), message)
+    assert data.unchanged()
