@@ -277,7 +277,6 @@ def _drive(domain: Domain, generator: Generator, store: Store, plan: RunPlan, pr
     todo = [ShardState.from_row(r) for r in store.shards(plan.run_id) if r["status"] != "done"]
     gate = None
     started = time.perf_counter()
-    status = "failed"
     try:
         with _progress(progress) as bar:
             run = store.run(plan.run_id)
@@ -294,8 +293,13 @@ def _drive(domain: Domain, generator: Generator, store: Store, plan: RunPlan, pr
         if plan.gates:
             gate = run_gate(store, domain, plan.run_id, allow_drift)
         status = "gate_failed" if gate is not None and gate.blocks_export else "succeeded"
-    finally:
-        store.finish_run(plan.run_id, status)
+    except BaseException:
+        try:  # best effort: the run stays 'running' if even this cannot be written (e.g. disk full)
+            store.finish_run(plan.run_id, "failed")
+        except Exception:
+            pass
+        raise
+    store.finish_run(plan.run_id, status)
     run = store.run(plan.run_id)
     batches = sum(s["batches"] for s in store.shards(plan.run_id))
     top = [(r["stage"], r["rule"], r["attempts"]) for r in store.rejection_counts(plan.run_id, limit=5).to_dicts()]

@@ -250,12 +250,23 @@ class Store:
                 "SELECT sum(attempted) a, sum(accepted) acc, sum(rejected) r, sum(surplus) s FROM shards "
                 "WHERE run_id = ?) t WHERE run_id = ?", [run_id, run_id])
             self.con.commit()
+        except (duckdb.IOException, duckdb.TransactionException) as e:  # disk full, I/O error, failed commit
+            self._rollback_quietly()
+            raise StoreError(f"cannot write to {self.path}: {_first_line(e)}; every earlier batch is stored: make "
+                             f"room, then continue with `factory generate --resume {run_id} --db {self.path}`") from None
         except BaseException:
-            self.con.rollback()
+            self._rollback_quietly()
             raise
         finally:
             for view in ("_batch_records", "_batch_rejections"):
                 self.con.unregister(view)
+
+    def _rollback_quietly(self) -> None:
+        """Roll back the open transaction, if DuckDB still has one (a failed commit ends it)."""
+        try:
+            self.con.rollback()
+        except duckdb.Error:
+            pass
 
     def shards(self, run_id: str) -> list[dict]:
         """The run's shards in order, with their counters and status."""
