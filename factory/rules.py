@@ -60,8 +60,10 @@ def build_schema(spec: TableSpec, rules: list[Rule]) -> pa.DataFrameSchema:
         if isinstance(c, Numeric):
             checks = [pa.Check.in_range(c.lo, c.hi, error=f"{c.name}.range")]
             if c.decimals:
+                # NaN and inf are the range check's to report (they fail it), not a question of decimals
                 checks.append(pa.Check(
-                    lambda d, n=c.name, k=c.decimals: d.lazyframe.select(((pl.col(n) - pl.col(n).round(k)).abs() < 1e-9)),
+                    lambda d, n=c.name, k=c.decimals: d.lazyframe.select(
+                        ((pl.col(n) - pl.col(n).round(k)).abs() < 1e-9) | ~pl.col(n).is_finite()),
                     error=f"{c.name}.decimals"))
         else:
             checks = [pa.Check.isin(list(c.values), error=f"{c.name}.category")]

@@ -24,6 +24,7 @@ from datetime import date
 from decimal import Decimal
 from pathlib import Path
 
+import duckdb
 import polars as pl
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -242,9 +243,10 @@ def test_wrong_dtype_fails_every_row_but_other_checks_still_run(toy):
 def test_nan_and_inf_never_pass(finance, toy):
     row = finance.load_split("train").head(1)
     for value in (math.nan, math.inf, -math.inf):
-        assert not finance.validator.validate(row.with_columns(interest_rate=pl.lit(value))).valid.any()
-        assert not toy.validator.validate(toy.load_split("train").head(1).with_columns(
-            weight=pl.lit(value))).valid.any()
+        v = finance.validator.validate(row.with_columns(interest_rate=pl.lit(value)))
+        assert not v.valid.any() and "interest_rate.range" in v.failures["rule"].to_list()
+        v = toy.validator.validate(toy.load_split("train").head(1).with_columns(weight=pl.lit(value)))
+        assert not v.valid.any() and set(v.failures["rule"]) == {"weight.range"}
 
 
 def test_zero_rows(finance):
@@ -285,7 +287,8 @@ def assert_one_line_error(result, *fragments, code=2):
     assert result.exit_code == code, result.output
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), result.output
-    assert "Traceback" not in result.output and result.exception is None or isinstance(result.exception, SystemExit)
+    assert "Traceback" not in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
     for f in fragments:
         assert f in lines[0], lines[0]
 
@@ -458,3 +461,98 @@ def test_domain_name_must_match_its_folder(bad_domains, data):
     assert_one_line_error(invoke("generate", "-d", "renamed", "-n", 5, "--model", "baseline", "--db", data.db,
                                  "-q"), message)
     assert data.unchanged()
+
+
+# ---- 3. out-of-range CLI arguments (those test_cli.py does not cover yet) -------------------------
+@pytest.mark.parametrize("args,message", [
+    (("-n", 5, "--seed", -1), "--seed must be >= 0, got -1"),
+    (("-n", 5, "--batch-size", -5), "--batch-size must be positive, got -5"),
+    (("-n", 5, "--max-attempts", 0), "--max-attempts must be positive, got 0"),
+    (("-n", 5, "--max-attempts", -1), "--max-attempts must be positive, got -1"),
+], ids=["seed-negative", "batch-size-negative", "max-attempts-zero", "max-attempts-negative"])
+def test_generate_refuses_out_of_range_numbers(tmp_path, args, message):
+    db = tmp_path / "f.duckdb"
+    assert_one_line_error(invoke("generate", "-d", "toy", "--model", "baseline", "--db", db, "-q", *args), message)
+    assert not db.exists()  # refused before anything ran
+
+
+def test_huge_n_beyond_the_attempt_budget_stops_at_the_budget(tmp_path):
+    """10^12 records with a budget of 200 attempts: exit 1 after 200 attempts (nothing sized by n
+    is allocated up front), naming the reasons; the run is recorded as failed."""
+    db = tmp_path / "f.duckdb"
+    r = invoke("generate", "-d", "toy", "--model", "baseline", "-n", 10**12, "--max-attempts", 200, "--db", db, "-q")
+    assert_one_line_error(r, "attempt budget exhausted", "of 1,000,000,000,000 records after 200 attempts",
+                          "kind_matches_area", code=1)
+    con = duckdb.connect(str(db), read_only=True)
+    assert con.execute("SELECT status, requested_n, attempted FROM runs").fetchall() == [("failed", 10**12, 200)]
+
+
+def _run_id(db: Path) -> str:
+    return duckdb.connect(str(db), read_only=True).execute("SELECT run_id FROM runs").fetchall()[0][0]
+
+
+def test_export_and_evaluate_to_a_bad_place(data, tmp_path):
+    run_id = _run_id(data.db)
+    missing = tmp_path / "no" / "such"
+    assert_one_line_error(invoke("export", run_id, "--out", missing / "x.csv", "--db", data.db),
+                          f"directory {missing} does not exist")
+    assert_one_line_error(invoke("export", run_id, "--out", tmp_path, "--db", data.db), "unknown extension ''")
+    assert_one_line_error(invoke("export", run_id, "--out", data.out, "--db", data.db), "--force")
+    assert_one_line_error(invoke("evaluate", run_id, "--out", missing / "m.json", "--db", data.db),
+                          f"directory {missing} does not exist")
+    assert not missing.parent.exists() and data.unchanged()
+
+
+@pytest.mark.parametrize("value,code,fragment", [
+    ("nan", 1, "weight.range"), ("inf", 1, "weight.range"), ("-inf", 1, "weight.range"),
+    ("1e400", 1, "weight.range"),  # parses as inf
+], ids=["nan", "inf", "-inf", "overflow"])
+def test_validate_file_with_non_finite_numbers(tmp_path, value, code, fragment):
+    path = tmp_path / "x.csv"
+    path.write_text(f"kind,width,height,label,weight,area\nsmall,2,3,a,{value},6\nsmall,2,3,a,1.0,6\n")
+    r = invoke("validate", "-d", "toy", path)
+    text = " ".join(r.output.split())
+    assert r.exit_code == code and "1 of 2 rows violate a rule" in text and fragment in text, r.output
+    assert "weight.decimals" not in text  # was also reported: a NaN or inf is out of range, not badly rounded
+
+
+@pytest.mark.parametrize("value", ["99999999999999999999", "NaN", "1e3", "2.0"])
+def test_validate_file_with_unreadable_integers(tmp_path, value):
+    path = tmp_path / "x.csv"
+    path.write_text(f"kind,width,height,label,weight,area\nsmall,{value},3,a,1.0,6\n")
+    assert_one_line_error(invoke("validate", "-d", "toy", path), "column 'width' cannot be read as Int64")
+
+
+# Out-of-range arguments that still end in a traceback. Each needs a change in factory/cli.py or
+# factory/store.py (files owned by others right now); see the report of issue #7 item 4. Strict:
+# once fixed, these xpass, fail, and the marker must go.
+CLI_FIX = pytest.mark.xfail(strict=True, reason="needs a range check in factory/cli.py (issue #7 item 4)")
+
+
+@CLI_FIX
+@pytest.mark.parametrize("args", [("-n", 5, "--seed", 2**63), ("-n", 2**63), ("-n", 5, "--batch-size", 2**63)],
+                         ids=["seed", "n", "batch-size"])
+def test_numbers_beyond_int64_are_one_line(tmp_path, args):
+    """Now: duckdb.ConversionException traceback (exit 1) when the run is stored as BIGINT."""
+    r = invoke("generate", "-d", "toy", "--model", "baseline", "--db", tmp_path / "f.duckdb", "-q", *args)
+    assert_one_line_error(r, "must be")
+
+
+@CLI_FIX
+def test_negative_examples_is_one_line(data):
+    """Now: duckdb.BinderException traceback (LIMIT -1)."""
+    assert_one_line_error(invoke("rejections", _run_id(data.db), "--examples", -1, "--db", data.db), "--examples")
+
+
+@CLI_FIX
+def test_negative_max_rows_is_one_line(data):
+    """Now: exit 0, no row shown, and '... 2 more rows not shown' for a one-row result."""
+    assert_one_line_error(invoke("sql", "SELECT 1 AS x", "--max-rows", -1, "--db", data.db), "--max-rows")
+
+
+@pytest.mark.xfail(strict=True, reason="factory/store.py: DuckDB's catalog (the file stem) clashes with "
+                                       "the domain's schema (issue #7 item 4)")
+def test_database_named_after_the_domain(tmp_path):
+    """Now: duckdb.BinderException 'Ambiguous reference to catalog or schema "toy"' traceback."""
+    r = invoke("generate", "-d", "toy", "--model", "baseline", "-n", 5, "--db", tmp_path / "toy.duckdb", "-q")
+    assert r.exit_code == 0 or (r.exit_code == 2 and len(r.output.strip().splitlines()) == 1), r.output
