@@ -32,13 +32,19 @@ def default_model(domain: Domain) -> str:
     return domain.config.get("default_model", "baseline")
 
 
-def load_generator(domain: Domain, name: str | None = None, model_dir=None, **opts) -> Generator:
+def load_generator(domain: Domain, name: str | None = None, model_dir=None, device: str = "cpu",
+                   **opts) -> Generator:
     """`name` is a CLI model name; None means the domain's default model.
-    `model_dir` (difflm only) is a trained stack folder; default: the domain's shipped `model/`."""
+    `model_dir` (difflm only) is a trained stack folder; default: the domain's shipped `model/`.
+    `device` (cpu, cuda or auto): where difflm runs; the baseline runs on CPU only (cpu and auto)."""
     name = default_model(domain) if name is None else name
     if model_dir is not None and name != "difflm":
         raise GeneratorError(f"--model-dir applies to --model difflm only, not {name!r}")
     if name == "baseline":
+        if device == "cuda":
+            raise GeneratorError("--device cuda: the baseline runs on CPU only; use --device cpu or auto")
+        if device not in ("cpu", "auto"):
+            raise GeneratorError(f"--device must be one of cpu, cuda, auto, got {device!r}")
         from factory.baseline import MarginalBaseline
 
         return MarginalBaseline.fit(domain, **opts)
@@ -51,6 +57,7 @@ def load_generator(domain: Domain, name: str | None = None, model_dir=None, **op
         if not model_dir.is_dir():
             raise GeneratorError(missing)
         try:
+            from factory.difflm.device import DeviceError, resolve_device
             from factory.difflm.pipeline import DiffLMGenerator, ModelError
         except ImportError as e:
             # Only a missing difflm package means "not built yet"; a broken import inside it is a bug.
@@ -58,7 +65,11 @@ def load_generator(domain: Domain, name: str | None = None, model_dir=None, **op
                 raise
             raise GeneratorError(missing) from None
         try:
-            return DiffLMGenerator.from_pretrained(model_dir, domain=domain, **opts)
+            device = resolve_device(device)
+        except DeviceError as e:
+            raise GeneratorError(str(e)) from None
+        try:
+            return DiffLMGenerator.from_pretrained(model_dir, domain=domain, device=device, **opts)
         except FileNotFoundError as e:
             raise GeneratorError(f"{missing} ({e})") from None
         except ModelError as e:  # an incomplete or mismatched stack: say what is wrong, and what to do

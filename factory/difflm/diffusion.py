@@ -48,7 +48,7 @@ class Denoiser(nn.Module):
 
     def _noise_embedding(self, c_noise: torch.Tensor) -> torch.Tensor:
         half = self.cfg.emb_dim // 2
-        freqs = torch.exp(-math.log(10000) * torch.arange(half) / half)
+        freqs = torch.exp(-math.log(10000) * torch.arange(half, device=c_noise.device) / half)
         x = c_noise[:, None] * freqs[None] * 1000
         return torch.cat([x.cos(), x.sin()], -1)
 
@@ -67,10 +67,14 @@ class Denoiser(nn.Module):
         return c_skip * x + c_out * self.out(h)
 
     def loss(self, x0: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The noise is drawn on the generator's device (training keeps a CPU generator, so the
+        draws and the resumable RNG state do not depend on the device) and moved to x0's."""
         cfg = self.cfg
-        sigma = (torch.randn(x0.shape[0], generator=generator) * cfg.p_std + cfg.p_mean).exp()
+        dev = generator.device if generator is not None else x0.device
+        sigma = (torch.randn(x0.shape[0], generator=generator, device=dev).to(x0.device) * cfg.p_std
+                 + cfg.p_mean).exp()
         weight = (sigma**2 + cfg.sigma_data**2) / (sigma * cfg.sigma_data) ** 2
-        noisy = x0 + torch.randn(x0.shape, generator=generator) * sigma[:, None]
+        noisy = x0 + torch.randn(x0.shape, generator=generator, device=dev).to(x0.device) * sigma[:, None]
         return (weight[:, None] * (self(noisy, sigma) - x0) ** 2).mean()
 
     def save_pretrained(self, path: str | Path):
@@ -103,16 +107,17 @@ class EDMSampler:
     def __init__(self, cfg: SamplerConfig | None = None):
         self.cfg = cfg or SamplerConfig()
 
-    def sigmas(self) -> torch.Tensor:
+    def sigmas(self, device: torch.device | str = "cpu") -> torch.Tensor:
         c = self.cfg
-        ramp = torch.linspace(0, 1, c.steps)
+        ramp = torch.linspace(0, 1, c.steps, device=device)
         inv = c.sigma_max ** (1 / c.rho) + ramp * (c.sigma_min ** (1 / c.rho) - c.sigma_max ** (1 / c.rho))
-        return torch.cat([inv**c.rho, torch.zeros(1)])
+        return torch.cat([inv**c.rho, torch.zeros(1, device=device)])
 
     @torch.no_grad()
     def sample(self, denoiser: Denoiser, n: int, generator: torch.Generator) -> torch.Tensor:
-        sig = self.sigmas()
-        x = torch.randn(n, denoiser.cfg.latent_dim, generator=generator) * sig[0]
+        """n latents, on the generator's device (where `denoiser` must be)."""
+        sig = self.sigmas(generator.device)
+        x = torch.randn(n, denoiser.cfg.latent_dim, generator=generator, device=generator.device) * sig[0]
         for i in range(len(sig) - 1):
             s, s_next = sig[i], sig[i + 1]
             d = (x - denoiser(x, s.expand(n))) / s

@@ -72,7 +72,7 @@ class RecordEncoder(nn.Module):
     @torch.no_grad()
     def encode_frozen(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Run embeddings + the frozen bottom layers once: -> hidden [N,T,H], attention mask [N,T]."""
-        enc = self.tokenize(texts)
+        enc = {k: v.to(self.head.weight.device) for k, v in self.tokenize(texts).items()}
         bert = self.bert
         bert.eval()
         h = bert.embeddings(input_ids=enc["input_ids"], token_type_ids=enc.get("token_type_ids"))
@@ -101,7 +101,9 @@ class RecordEncoder(nn.Module):
 
     @staticmethod
     def sample(mu: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        eps = torch.randn(mu.shape, generator=generator)
+        # drawn on the generator's device (training keeps a CPU one), then moved to mu's
+        dev = generator.device if generator is not None else mu.device
+        eps = torch.randn(mu.shape, generator=generator, device=dev).to(mu.device)
         return mu + torch.exp(0.5 * logvar) * eps
 
     def trainable_state(self) -> dict:

@@ -58,6 +58,7 @@ class SchemaTokenizer:
                 self.slots += [Slot(name, "num", k, n) for k in range(n)]
         self.vocab_size = next_id
         self.length = len(self.slots)
+        self.device = torch.device("cpu")  # where decoding state and masks live (see `to`)
         self._build_masks()
         self._compile_constraints(constraints)
 
@@ -87,6 +88,13 @@ class SchemaTokenizer:
         self.lo = torch.tensor(lo, dtype=torch.long)
         self.hi = torch.tensor(hi, dtype=torch.long)
         self.place = torch.tensor(place, dtype=torch.long)  # value of one unit of this chunk
+
+    def to(self, device: str | torch.device) -> "SchemaTokenizer":
+        """Keep the decoding masks and state on `device` (the decoder's), so decoding never leaves it."""
+        self.device = torch.device(device)
+        self.static_mask, self.lo, self.hi, self.place = (
+            x.to(self.device) for x in (self.static_mask, self.lo, self.hi, self.place))
+        return self
 
     # ---- records <-> ids -------------------------------------------------------------
     def encode(self, df: pl.DataFrame) -> torch.Tensor:
@@ -208,22 +216,23 @@ class SchemaTokenizer:
             self.constraints.setdefault(c.column, []).append(c)
 
     def _ids_of(self, column: str, values) -> torch.Tensor:
-        return torch.tensor([self.cat_ids[column][v] for v in values])
+        return torch.tensor([self.cat_ids[column][v] for v in values], device=self.device)
 
     def _row_bounds(self, name: str, state: dict, B: int):
         col = self.spec[name]
         numeric = isinstance(col, Numeric)
-        lo = torch.full((B,), col.int_lo if numeric else 0, dtype=torch.long)
-        hi = torch.full((B,), col.int_hi if numeric else 0, dtype=torch.long)
-        force = torch.zeros(B, dtype=torch.int8)  # 1 = must be null, 2 = must not be null
+        dev = self.device
+        lo = torch.full((B,), col.int_lo if numeric else 0, dtype=torch.long, device=dev)
+        hi = torch.full((B,), col.int_hi if numeric else 0, dtype=torch.long, device=dev)
+        force = torch.zeros(B, dtype=torch.int8, device=dev)  # 1 = must be null, 2 = must not be null
         for c in self.constraints.get(name, ()):
             if isinstance(c, (MustBeNull, MustNotBeNull)):
                 hit = torch.isin(state["tok"][c.when], self._ids_of(c.when, c.values))
                 force = torch.where(hit, 1 if isinstance(c, MustBeNull) else 2, force).to(torch.int8)
             elif isinstance(c, RangeBy):
                 ids = state["tok"][c.by]
-                lo_t = torch.full((self.vocab_size,), col.int_lo, dtype=torch.long)
-                hi_t = torch.full((self.vocab_size,), col.int_hi, dtype=torch.long)
+                lo_t = torch.full((self.vocab_size,), col.int_lo, dtype=torch.long, device=dev)
+                hi_t = torch.full((self.vocab_size,), col.int_hi, dtype=torch.long, device=dev)
                 for v, (a, b) in c.bounds.items():
                     if v in self.cat_ids[c.by]:
                         lo_t[self.cat_ids[c.by][v]] = round(a * col.scale)
@@ -241,7 +250,7 @@ class SchemaTokenizer:
         return lo, hi, force
 
     def init_state(self, batch: int) -> dict:
-        z = torch.zeros(batch, dtype=torch.long)
+        z = torch.zeros(batch, dtype=torch.long, device=self.device)
         return {"prefix": z, "null": z.bool(), "lo": z, "hi": z, "force": z.to(torch.int8),
                 "tok": {}, "val": {}, "isnull": {}}
 
@@ -263,7 +272,7 @@ class SchemaTokenizer:
         else:
             mask = base.clone()
             # chunk d is allowed iff some completion of prefix*BASE + d lies in the row's [lo, hi]
-            d = torch.arange(BASE)
+            d = torch.arange(BASE, device=self.device)
             low = (state["prefix"][:, None] * BASE + d[None, :]) * self.place[t]
             high = low + self.place[t] - 1
             ok = (high >= state["lo"][:, None]) & (low <= state["hi"][:, None])
