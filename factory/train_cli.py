@@ -22,19 +22,25 @@ def _now():
     return datetime.now(timezone.utc).replace(tzinfo=None)
 
 
-def train(domain: str, config: Path | None, out: Path | None, resume: bool, db: Path | None, quiet: bool = False):
+def train(domain: str, config: Path | None, out: Path | None, resume: bool, db: Path | None, quiet: bool = False,
+          device: str | None = None):
+    """`device` (cpu, cuda or auto) overrides the config's `device` (default cpu)."""
     import duckdb
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from factory.difflm.device import resolve_device
     from factory.difflm.train import TrainConfig, Trainer
     from factory.domain import load_domain
 
     dom = load_domain(domain)
     try:
         cfg_dict = json.loads(config.read_text()) if config else dom.config.get("train", {})
+        if device is not None:
+            cfg_dict = {**cfg_dict, "device": device}
         cfg = TrainConfig.from_dict(cfg_dict)
     except (OSError, json.JSONDecodeError, TypeError, ValueError) as e:
         raise ValueError(f"bad training config {config}: {e}") from None
+    resolve_device(cfg.device)  # a DeviceError before the run is recorded or any data is loaded
     out = out or dom.model_dir
     con = None
     train_id = f"train-{uuid.uuid4().hex[:12]}"
@@ -81,7 +87,16 @@ def register(app: typer.Typer):
         resume: bool = typer.Option(False, "--resume", help="continue from the last checkpoint in --out"),
         db: Path = typer.Option(Path("factory.duckdb"), "--db", help="DuckDB file that records the training run and its losses"),
         quiet: bool = typer.Option(False, "--quiet"),
+        device: str = typer.Option(None, "--device", help="cpu, cuda or auto (cuda if torch sees a GPU); "
+                                   "default: the config's 'device', else cpu"),
     ):
         """Train a domain's DiffLM stack (decoder LM, beta-VAE, latent diffusion)."""
-        summary, secs = train(domain, config, out, resume, db, quiet)
+        from factory.difflm.device import DeviceError
+
+        try:
+            summary, secs = train(domain, config, out, resume, db, quiet, device)
+        except DeviceError as e:
+            from factory.cli import fail
+
+            fail(str(e))
         typer.echo(f"trained {domain} stack in {secs / 60:.1f} min -> {out or 'domains/' + domain + '/model'}")

@@ -7,6 +7,10 @@
               `beta_factor` whenever validation reconstruction stalls, down to
               `beta_min`; early stopping on validation; best checkpoint kept.
 3. diffusion: encode the training split to latents (mu), normalize, train the EDM denoiser.
+
+`device` (cpu, cuda or auto) is where the modules and batches live. The data, the encoder
+cache and every random generator stay on the CPU (random draws are made there and moved),
+so the CPU path is unchanged and a checkpoint resumes on either device.
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ from typing import Callable
 import torch
 
 from .decoder import DecoderConfig, DomainDecoder
+from .device import resolve_device
 from .diffusion import Denoiser, DenoiserConfig, EDMSampler, SamplerConfig
 from .encoder import EncoderConfig, RecordEncoder, values_text
 from .injector import InjectorConfig, SoftPromptInjector
@@ -32,6 +37,7 @@ STAGES = ("lm", "vae", "diffusion")
 class TrainConfig:
     seed: int = 0
     threads: int = 2
+    device: str = "cpu"  # cpu | cuda | auto (cuda if torch sees one)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     injector_hidden: int = 256
@@ -86,6 +92,7 @@ def _batches(n: int, size: int, g: torch.Generator | None):
 class Trainer:
     def __init__(self, domain, cfg: TrainConfig, out: Path, log: Callable[[dict], None] | None = None,
                  progress: Callable[[str, int, int], None] | None = None):
+        self.device = resolve_device(cfg.device)  # a DeviceError before anything is written
         self.domain, self.cfg, self.out = domain, cfg, Path(out)
         self.ckpt = self.out / "checkpoints"
         self.ckpt.mkdir(parents=True, exist_ok=True)
@@ -116,13 +123,13 @@ class Trainer:
 
     def _load_ckpt(self, stage: str, resume: bool) -> dict | None:
         p = self.ckpt / f"{stage}.pt"
-        return torch.load(p, weights_only=False) if resume and p.exists() else None
+        return torch.load(p, weights_only=False, map_location="cpu") if resume and p.exists() else None
 
     # ---- stage 1 --------------------------------------------------------------------
     def train_lm(self, resume: bool) -> DomainDecoder:
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
-        dec = DomainDecoder(cfg.decoder)
+        dec = DomainDecoder(cfg.decoder).to(self.device)
         opt = torch.optim.AdamW(dec.parameters(), lr=cfg.lm_lr, weight_decay=0.01)
         steps_per_epoch = math.ceil(len(self.ids["train"]) / cfg.lm_batch)
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lm_lr, total_steps=cfg.lm_epochs * steps_per_epoch,
@@ -138,7 +145,7 @@ class Trainer:
             dec.train()
             tot, n = 0.0, 0
             for i, idx in enumerate(_batches(len(self.ids["train"]), cfg.lm_batch, g)):
-                nll = dec.forward_prompted(None, self.ids["train"][idx]).mean() / tokens
+                nll = dec.forward_prompted(None, self.ids["train"][idx].to(self.device)).mean() / tokens
                 opt.zero_grad()
                 nll.backward()
                 torch.nn.utils.clip_grad_norm_(dec.parameters(), 1.0)
@@ -164,7 +171,8 @@ class Trainer:
     def _lm_val(self, dec) -> float:
         dec.eval()
         ids = self.ids["val"]
-        tot = sum(dec.forward_prompted(None, ids[idx]).sum().item() for idx in _batches(len(ids), 256, None))
+        tot = sum(dec.forward_prompted(None, ids[idx].to(self.device)).sum().item()
+                  for idx in _batches(len(ids), 256, None))
         return tot / (len(ids) * self.tok.length)
 
     # ---- stage 2 --------------------------------------------------------------------
@@ -176,20 +184,21 @@ class Trainer:
         """Frozen encoder layers run once per record (the expensive part, done once, not per epoch)."""
         path = self.ckpt / "encoder_cache.pt"
         if path.exists():
-            return torch.load(path)
+            return torch.load(path, map_location="cpu")
         cache = {}
         for split in ("train", "val"):
             texts = self._texts(split)
             hs, ms = [], []
             for i in range(0, len(texts), 128):
                 h, m = enc.encode_frozen(texts[i:i + 128])
-                hs.append(h.half()), ms.append(m)
+                hs.append(h.half().cpu()), ms.append(m.cpu())
                 self.progress(f"caching frozen encoder layers ({split})", min(i + 128, len(texts)), len(texts))
             cache[split] = (torch.cat(hs), torch.cat(ms))
         torch.save(cache, path)
         return cache
 
     def _vae_loss(self, enc, inj, dec, hidden, mask, ids, beta, g=None, sample=True):
+        hidden, mask, ids = hidden.to(self.device), mask.to(self.device), ids.to(self.device)
         mu, logvar = enc.forward_top(hidden.float(), mask)
         z = enc.sample(mu, logvar, g) if sample else mu
         rec = dec.forward_prompted(inj(z), ids)  # [B] nats per record
@@ -199,10 +208,10 @@ class Trainer:
     def train_vae(self, dec: DomainDecoder, resume: bool):
         cfg = self.cfg
         torch.manual_seed(cfg.seed + 1)
-        enc = RecordEncoder(cfg.encoder)
+        enc = RecordEncoder(cfg.encoder).to(self.device)
         inj = SoftPromptInjector(InjectorConfig(cfg.denoiser.latent_dim, cfg.injector_hidden,
                                                 cfg.decoder.prompt_len, cfg.decoder.hidden_size),
-                                 null_prompt=dec.null_prompt.detach())
+                                 null_prompt=dec.null_prompt.detach()).to(self.device)
         cache = self._cache_bottom(enc)
         params = [p for p in enc.parameters() if p.requires_grad] + list(inj.parameters())
         opt = torch.optim.AdamW(params, lr=cfg.vae_lr)
@@ -267,11 +276,12 @@ class Trainer:
         cfg = self.cfg
         with torch.no_grad():
             h, m = cache["train"]
-            mus = torch.cat([enc.forward_top(h[i:i + 256].float(), m[i:i + 256])[0] for i in range(0, len(h), 256)])
+            mus = torch.cat([enc.forward_top(h[i:i + 256].to(self.device).float(), m[i:i + 256].to(self.device))[0]
+                             for i in range(0, len(h), 256)])
         mean, std = mus.mean(0), mus.std(0).clamp(min=1e-6)
         x = (mus - mean) / std
         torch.manual_seed(cfg.seed + 3)
-        den = Denoiser(cfg.denoiser)
+        den = Denoiser(cfg.denoiser).to(self.device)
         opt = torch.optim.AdamW(den.parameters(), lr=cfg.diffusion_lr)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.diffusion_steps)
         g = torch.Generator().manual_seed(cfg.seed + 4)
@@ -283,7 +293,7 @@ class Trainer:
         run = 0.0
         for step in range(start, cfg.diffusion_steps):
             idx = torch.randint(len(x), (cfg.diffusion_batch,), generator=g)
-            loss = den.loss(x[idx], g)
+            loss = den.loss(x[idx.to(self.device)], g)
             opt.zero_grad()
             loss.backward()
             opt.step(), sched.step()
@@ -297,7 +307,7 @@ class Trainer:
         EDMSampler(cfg.sampler).save_pretrained(self.out / "denoiser")
         from safetensors.torch import save_file
 
-        save_file({"mean": mean, "std": std}, str(self.out / "denoiser" / "latent_stats.safetensors"))
+        save_file({"mean": mean.cpu(), "std": std.cpu()}, str(self.out / "denoiser" / "latent_stats.safetensors"))
         return den
 
     # ---- all ------------------------------------------------------------------------
@@ -307,13 +317,14 @@ class Trainer:
         times = {}
         t = time.time()
         if resume and (self.out / "decoder" / "decoder.safetensors").exists():
-            dec = DomainDecoder.from_pretrained(self.out / "decoder").freeze()
+            dec = DomainDecoder.from_pretrained(self.out / "decoder").to(self.device).freeze()
         else:
             dec = self.train_lm(resume)
         times["lm_s"] = time.time() - t
         t = time.time()
         if resume and (self.out / "injector" / "injector.safetensors").exists():
-            enc, inj = RecordEncoder.from_pretrained(self.out / "encoder").eval(), SoftPromptInjector.from_pretrained(self.out / "injector")
+            enc = RecordEncoder.from_pretrained(self.out / "encoder").to(self.device).eval()
+            inj = SoftPromptInjector.from_pretrained(self.out / "injector").to(self.device)
             cache = self._cache_bottom(enc)
         else:
             enc, inj, cache = self.train_vae(dec, resume)
@@ -323,6 +334,7 @@ class Trainer:
         times["diffusion_s"] = time.time() - t
         summary = {"domain": self.domain.name, "rule_set_hash": self.domain.rule_set_hash, "columns": self.columns,
                    "train_rows": len(self.ids["train"]), "val_rows": len(self.ids["val"]),
+                   "device": self.device.type,
                    "times_s": {k: round(v, 1) for k, v in times.items()},
                    "total_s": round(time.time() - self.t0, 1)}
         (self.out / "pipeline.json").write_text(json.dumps(summary, indent=1))
