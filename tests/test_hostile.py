@@ -330,7 +330,7 @@ def existing_data(tmp_path_factory):
 
 
 @pytest.fixture
-def data(existing_data, tmp_path):
+def stored(existing_data, tmp_path):
     """A fresh copy of the existing data; `unchanged()` says whether every file is byte-identical."""
     d = tmp_path / "data"
     shutil.copytree(existing_data, d)
@@ -385,20 +385,20 @@ BAD_CONFIGS = [  # (id, config.json text, what the one-line error must say besid
 
 
 @pytest.mark.parametrize("config,message", [c[1:] for c in BAD_CONFIGS], ids=[c[0] for c in BAD_CONFIGS])
-def test_bad_config_is_one_clear_line(bad_domains, data, config, message):
+def test_bad_config_is_one_clear_line(bad_domains, stored, config, message):
     folder = make_domain(bad_domains, "broken", config)
     where = f"{folder / 'config.json'}: "
     with pytest.raises(DomainError) as e:
         load_domain("broken")
     assert str(e.value).startswith(where) and message in str(e.value), str(e.value)
     assert_one_line_error(invoke("domains"), where, message)
-    assert_one_line_error(invoke("generate", "-d", "broken", "-n", 5, "--model", "baseline", "--db", data.db,
-                                 "--out", data.out, "--force", "-q"), where, message)
-    assert_one_line_error(invoke("validate", "-d", "broken", data.out), where, message)
-    assert data.unchanged()
+    assert_one_line_error(invoke("generate", "-d", "broken", "-n", 5, "--model", "baseline", "--db", stored.db,
+                                 "--out", stored.out, "--force", "-q"), where, message)
+    assert_one_line_error(invoke("validate", "-d", "broken", stored.out), where, message)
+    assert stored.unchanged()
 
 
-def test_a_good_config_copy_loads(bad_domains, data):
+def test_a_good_config_copy_loads(bad_domains, stored):
     """The control for the cases above: the same copy with valid settings works end to end."""
     make_domain(bad_domains, "fine", _json({"batch_size": 16, "default_model": "baseline",
                                             "gates": {"min_rows": 200, "thresholds": {"ks:width": 0.2}}}))
@@ -406,8 +406,8 @@ def test_a_good_config_copy_loads(bad_domains, data):
                                           "gates": {"min_rows": 200, "thresholds": {"ks:width": 0.2}}}
     r = invoke("domains")
     assert r.exit_code == 0 and "fine  rectangles" in r.output, r.output
-    out = data.out.with_name("fine.csv")
-    r = invoke("generate", "-d", "fine", "-n", 5, "--db", data.db.with_name("other.duckdb"), "--out", out, "-q")
+    out = stored.out.with_name("fine.csv")
+    r = invoke("generate", "-d", "fine", "-n", 5, "--db", stored.db.with_name("other.duckdb"), "--out", out, "-q")
     assert r.exit_code == 0, r.output
     assert pl.read_csv(out).height == 5
 
@@ -423,44 +423,44 @@ MISSING_FILES = [  # (id, how domain.py is changed, what the error says)
 
 
 @pytest.mark.parametrize("edit,message", [c[1:] for c in MISSING_FILES], ids=[c[0] for c in MISSING_FILES])
-def test_missing_file_is_one_clear_line(bad_domains, data, edit, message):
+def test_missing_file_is_one_clear_line(bad_domains, stored, edit, message):
     folder = make_domain(bad_domains, "missing", edit=edit)
     message = message.format(folder=folder)
     with pytest.raises(DomainError, match=re.escape(message)):
         load_domain("missing")
     assert_one_line_error(invoke("domains"), message)
-    assert_one_line_error(invoke("generate", "-d", "missing", "-n", 5, "--model", "baseline", "--db", data.db,
+    assert_one_line_error(invoke("generate", "-d", "missing", "-n", 5, "--model", "baseline", "--db", stored.db,
                                  "-q"), message)
-    assert data.unchanged()
+    assert stored.unchanged()
 
 
-def test_missing_data_file_of_a_split(bad_domains, data):
+def test_missing_data_file_of_a_split(bad_domains, stored):
     """The domain loads, but its training data is gone: generate stops before touching the database."""
     folder = make_domain(bad_domains, "nodata", edit=lambda s: s.replace(
         "    return _table()[lo:hi]", '    return pl.read_parquet(Path(__file__).parent / "data" / f"{name}.parquet")'))
     assert invoke("domains").exit_code == 0
-    assert_one_line_error(invoke("generate", "-d", "nodata", "-n", 5, "--model", "baseline", "--db", data.db, "-q"),
+    assert_one_line_error(invoke("generate", "-d", "nodata", "-n", 5, "--model", "baseline", "--db", stored.db, "-q"),
                           "domain 'nodata': the train split needs a file that does not exist:",
                           "nodata/data/train.parquet")  # polars shortens the start of the path
-    assert data.unchanged()
+    assert stored.unchanged()
 
 
-def test_folder_without_domain_py(bad_domains, data):
+def test_folder_without_domain_py(bad_domains, stored):
     (bad_domains / "empty").mkdir()
     (bad_domains / "empty" / "config.json").write_text("{}")
-    assert_one_line_error(invoke("generate", "-d", "empty", "-n", 5, "--db", data.db, "-q"),
+    assert_one_line_error(invoke("generate", "-d", "empty", "-n", 5, "--db", stored.db, "-q"),
                           f"{bad_domains / 'empty'} is not a domain: it has no domain.py")
     assert invoke("domains").exit_code == 0  # a folder without domain.py is not listed
-    assert data.unchanged()
+    assert stored.unchanged()
 
 
-def test_domain_name_must_match_its_folder(bad_domains, data):
+def test_domain_name_must_match_its_folder(bad_domains, stored):
     make_domain(bad_domains, "renamed", edit=lambda s: s.replace('name="renamed"', 'name="toy"'))
     message = "domain.py defines a domain named 'toy'; its folder is 'renamed'"
     assert_one_line_error(invoke("domains"), message)
-    assert_one_line_error(invoke("generate", "-d", "renamed", "-n", 5, "--model", "baseline", "--db", data.db,
+    assert_one_line_error(invoke("generate", "-d", "renamed", "-n", 5, "--model", "baseline", "--db", stored.db,
                                  "-q"), message)
-    assert data.unchanged()
+    assert stored.unchanged()
 
 
 # ---- 3. out-of-range CLI arguments (those test_cli.py does not cover yet) -------------------------
@@ -491,16 +491,16 @@ def _run_id(db: Path) -> str:
     return duckdb.connect(str(db), read_only=True).execute("SELECT run_id FROM runs").fetchall()[0][0]
 
 
-def test_export_and_evaluate_to_a_bad_place(data, tmp_path):
-    run_id = _run_id(data.db)
+def test_export_and_evaluate_to_a_bad_place(stored, tmp_path):
+    run_id = _run_id(stored.db)
     missing = tmp_path / "no" / "such"
-    assert_one_line_error(invoke("export", run_id, "--out", missing / "x.csv", "--db", data.db),
+    assert_one_line_error(invoke("export", run_id, "--out", missing / "x.csv", "--db", stored.db),
                           f"directory {missing} does not exist")
-    assert_one_line_error(invoke("export", run_id, "--out", tmp_path, "--db", data.db), "unknown extension ''")
-    assert_one_line_error(invoke("export", run_id, "--out", data.out, "--db", data.db), "--force")
-    assert_one_line_error(invoke("evaluate", run_id, "--out", missing / "m.json", "--db", data.db),
+    assert_one_line_error(invoke("export", run_id, "--out", tmp_path, "--db", stored.db), "unknown extension ''")
+    assert_one_line_error(invoke("export", run_id, "--out", stored.out, "--db", stored.db), "--force")
+    assert_one_line_error(invoke("evaluate", run_id, "--out", missing / "m.json", "--db", stored.db),
                           f"directory {missing} does not exist")
-    assert not missing.parent.exists() and data.unchanged()
+    assert not missing.parent.exists() and stored.unchanged()
 
 
 @pytest.mark.parametrize("value,code,fragment", [
@@ -539,15 +539,15 @@ def test_numbers_beyond_int64_are_one_line(tmp_path, args):
 
 
 @CLI_FIX
-def test_negative_examples_is_one_line(data):
+def test_negative_examples_is_one_line(stored):
     """Now: duckdb.BinderException traceback (LIMIT -1)."""
-    assert_one_line_error(invoke("rejections", _run_id(data.db), "--examples", -1, "--db", data.db), "--examples")
+    assert_one_line_error(invoke("rejections", _run_id(stored.db), "--examples", -1, "--db", stored.db), "--examples")
 
 
 @CLI_FIX
-def test_negative_max_rows_is_one_line(data):
+def test_negative_max_rows_is_one_line(stored):
     """Now: exit 0, no row shown, and '... 2 more rows not shown' for a one-row result."""
-    assert_one_line_error(invoke("sql", "SELECT 1 AS x", "--max-rows", -1, "--db", data.db), "--max-rows")
+    assert_one_line_error(invoke("sql", "SELECT 1 AS x", "--max-rows", -1, "--db", stored.db), "--max-rows")
 
 
 @pytest.mark.xfail(strict=True, reason="factory/store.py: DuckDB's catalog (the file stem) clashes with "
