@@ -140,6 +140,8 @@ def generate(
     address: Optional[str] = typer.Option(None, "--address", help="ray: an existing cluster (e.g. ray://head:10001 "
                                           "or auto); default: start a local cluster for this run"),
     workers: int = typer.Option(2, "--workers", help="ray: worker processes (one CPU and one model each)"),
+    device: str = typer.Option("cpu", "--device", help="difflm: cpu, cuda or auto (cuda if torch sees a GPU); "
+                               "records depend on the device, so the run records it"),
 ):
     """Generate N records that pass every rule, record the run in DuckDB, optionally export them.
 
@@ -153,8 +155,9 @@ def generate(
     if workers <= 0:
         fail(f"--workers must be positive, got {workers}")
     if resume is not None:
-        if any(v is not None for v in (domain, n, model, model_dir, batch_size, shards)):
-            fail("--resume reuses the run's own domain, n, seed, model, batch size and shards; do not pass them")
+        if any(v is not None for v in (domain, n, model, model_dir, batch_size, shards)) or device != "cpu":
+            fail("--resume reuses the run's own domain, n, seed, model, device, batch size and shards; "
+                 "do not pass them")
         return _resume(resume, db, out_path, force, quiet, allow_drift, engine, address, workers)
     if domain is None or n is None:
         fail("generate needs --domain and -n (or --resume RUN_ID)")
@@ -173,14 +176,14 @@ def generate(
     d = load_domain(domain)
     if out_path is not None:
         check_target(out_path, force)  # before the run, not after it
-    generator = load_generator(d, model, model_dir=model_dir)
+    generator = load_generator(d, model, model_dir=model_dir, device=device)
     size = batch_size or int(d.config.get("batch_size", 1000))
     started = time.perf_counter()
     with Store(db) as store:
         try:
             result = run_generation(d, generator, n, seed, store, size, max_attempts=max_attempts,
                                     progress=not quiet, allow_drift=allow_drift, shards=shards,
-                                    engine=_engine(engine, d, model, model_dir, address, workers),
+                                    engine=_engine(engine, d, model, model_dir, address, workers, device),
                                     settings={"model": model or default_model(d),
                                               "model_dir": str(model_dir) if model_dir else None,
                                               **getattr(generator, "settings", {})})
@@ -189,10 +192,10 @@ def generate(
         _finish(store, d, generator, result, n, out_path, force, allow_drift, db, started)
 
 
-def _engine(name: str, d, model, model_dir, address, workers):
+def _engine(name: str, d, model, model_dir, address, workers, device):
     if name == "local":
         return LocalEngine()
-    spec = GeneratorSpec(d.name, model, str(Path(model_dir).resolve()) if model_dir else None)
+    spec = GeneratorSpec(d.name, model, str(Path(model_dir).resolve()) if model_dir else None, {"device": device})
     return RayEngine(spec, address=address, workers=workers)
 
 
@@ -207,11 +210,12 @@ def _resume(run_id: str, db: Path, out_path: Optional[Path], force: bool, quiet:
         run = store.run(run_id)
         d = load_domain(run["domain"])
         settings = store.run_settings(run_id)
-        generator = load_generator(d, settings.get("model"), model_dir=settings.get("model_dir"))
+        device = settings.get("device", "cpu")  # the device that made the run's first batches
+        generator = load_generator(d, settings.get("model"), model_dir=settings.get("model_dir"), device=device)
         try:
             result = resume_generation(d, generator, store, run_id, progress=not quiet, allow_drift=allow_drift,
                                        engine=_engine(engine, d, settings.get("model"), settings.get("model_dir"),
-                                                      address, workers))
+                                                      address, workers, device))
         except ResumeError as e:
             fail(str(e))
         except AttemptBudgetExceeded as e:

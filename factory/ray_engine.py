@@ -141,7 +141,8 @@ class RayEngine:
         store.release()  # the workers start while readers may query
         started = self._start(ray)
         try:
-            actor_cls = ray.remote(num_cpus=1, max_restarts=WORKER_RESTARTS,
+            gpus = 1 if self.spec.options.get("device") == "cuda" else 0  # untested: no GPU on the dev machine
+            actor_cls = ray.remote(num_cpus=1, num_gpus=gpus, max_restarts=WORKER_RESTARTS,
                                    max_task_retries=WORKER_RESTARTS)(ShardWorker)
             actors = [actor_cls.remote(self.spec) for _ in range(min(self.workers, max(1, len(todo))))]
             want = (generator.model_id, generator.model_version, domain.rule_set_hash)

@@ -84,7 +84,9 @@ def test_engine_option_mistakes(tmp_path):
                       (("--workers", 3), "apply to --engine ray only"),
                       (("--engine", "ray", "--workers", 0), "--workers must be positive"),
                       (("--shards", 0), "--shards must be between 1 and n"),
-                      (("--shards", 11), "--shards must be between 1 and n")]:
+                      (("--shards", 11), "--shards must be between 1 and n"),
+                      (("--device", "cuda"), "the baseline runs on CPU only"),
+                      (("--device", "gpu"), "--device must be one of")]:
         p = cli("generate", "-d", "toy", "-n", 10, "--model", "baseline", "--db", "x.duckdb", *args, cwd=tmp_path)
         err = p.stderr.read()
         assert p.wait(timeout=120) == 2 and msg in err and "Traceback" not in err, (args, err)
