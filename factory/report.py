@@ -205,14 +205,14 @@ def _differences(run: dict, peer: dict, quick: bool) -> list[str]:
     return out
 
 
-def comparison(metrics: dict, peers: dict) -> dict:
+def comparison(metrics: dict, peers: dict, run_note: str = "") -> dict:
     """The run and every peer (from `load_peers`), side by side: scores, where each number comes
     from, and the differences in how it was computed."""
     quick = bool((peers["source"].get("config") or {}).get("quick"))
     src = peers["source"]
     peer_src = f"{Path(src['file']).name}, {src.get('date') or 'undated'}, commit {(src.get('git_commit') or '?')[:10]}"
     rows = [{"candidate": f"this run: {metrics['model']}", "source": "factory.evaluate, this report",
-             "note": f"run {metrics['run_id']}", "scores": _scores(metrics), "differences": []}]
+             "note": run_note or f"run {metrics['run_id']}", "scores": _scores(metrics), "differences": []}]
     rows += [{"candidate": name, "source": peer_src, "note": r.get("note", ""), "scores": _scores(r),
               "differences": _differences(metrics, r, quick)} for name, r in peers["results"].items()]
     return {"included": True, "source": src, "candidates": rows}
@@ -292,7 +292,10 @@ def build_report(store, domain, run_id: str, synth: pl.DataFrame, out_dir: Path,
     train, test = domain.load_split("train"), domain.load_split("test")
     metrics = {"run_id": run_id, "model": f"{run['model_id']} {run['model_version']}",
                **ev.evaluate(domain, synth, train, test)}
-    metrics["comparison"] = comparison(metrics, peers) if peers else {
+    run_note = (f"run {run_id}: its {synth.height:,} stored records; the loop stores only records that pass every "
+                f"rule and its other checks ({run['attempted']:,} attempts, {run['rejected']:,} rejected), while a "
+                "peer's row scores what that peer wrote (see its note), unfiltered")
+    metrics["comparison"] = comparison(metrics, peers, run_note) if peers else {
         "included": False, "how": f"not included: no peer metrics given ({COMPARE_HINT})"}
     comparison_html = _comparison_html(metrics["comparison"]) if peers else (
         f"<p>Not included: this report was made without peer metrics. Made with <code>{html.escape(COMPARE_HINT)}"
