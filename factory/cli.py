@@ -32,7 +32,7 @@ from factory.generators import GENERATORS, GeneratorError, default_model, load_g
 from factory.inputs import InputError, read_table
 from factory.loop import AttemptBudgetExceeded, LocalEngine, ResumeError, resume_generation, run_generation
 from factory.ray_engine import EngineError, GeneratorSpec, RayEngine
-from factory.store import Store, StoreError
+from factory.store import Store, StoreError, check_db_name
 
 app = typer.Typer(name="factory", help=__doc__.split("\n")[0], no_args_is_help=True, add_completion=False,
                   pretty_exceptions_show_locals=False)
@@ -43,6 +43,7 @@ err = Console(stderr=True, width=_PIPED_WIDTH)
 
 USER_ERRORS = (DomainError, StoreError, ExportError, GeneratorError, InputError, GateError, EngineError)
 ENGINES = ("local", "ray")
+INT64_MAX = 2**63 - 1
 ALLOW_DRIFT = typer.Option(False, "--allow-drift",
                            help="export even if the distribution gate failed (the manifest records the override)")
 DB_OPTION = typer.Option(Path("factory.duckdb"), "--db", help="DuckDB file holding runs, records and rejections")
@@ -169,11 +170,15 @@ def generate(
         fail(f"--batch-size must be positive, got {batch_size}")
     if max_attempts is not None and max_attempts <= 0:
         fail(f"--max-attempts must be positive, got {max_attempts}")
+    for flag, v in (("-n", n), ("--seed", seed), ("--batch-size", batch_size), ("--max-attempts", max_attempts)):
+        if v is not None and v > INT64_MAX:  # stored as DuckDB BIGINT
+            fail(f"{flag} must be at most {INT64_MAX:,}, got {v:,}")
     if shards is None:
         shards = min(n, 4 * workers) if engine == "ray" else 1
     if not 1 <= shards <= n:
         fail(f"--shards must be between 1 and n ({n:,}), got {shards}")
     d = load_domain(domain)
+    check_db_name(db, d)
     if out_path is not None:
         check_target(out_path, force)  # before the run, not after it
     generator = load_generator(d, model, model_dir=model_dir, device=device)
@@ -389,6 +394,8 @@ def rejections(run_id: str = typer.Argument(..., help="run id (see `factory runs
                db: Path = DB_OPTION,
                examples: int = typer.Option(3, "--examples", help="example raw texts to show")):
     """Why a run's attempts were rejected: counts by stage and rule, with example texts."""
+    if examples < 0:
+        fail(f"--examples must be >= 0, got {examples}")
     with Store(db, read_only=True) as store:
         run = store.run(run_id)
         counts = store.rejection_counts(run_id)
@@ -414,6 +421,8 @@ def sql(query: str = typer.Argument(..., help="SQL to run (read-only)"),
         db: Path = DB_OPTION,
         max_rows: int = typer.Option(100, "--max-rows", help="rows to print")):
     """Run a read-only SQL query on the database and print the result."""
+    if max_rows < 0:
+        fail(f"--max-rows must be >= 0, got {max_rows}")
     with Store(db, read_only=True) as store:
         df = store.query(query)
     print_frame(df, max_rows=max_rows)

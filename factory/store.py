@@ -56,6 +56,14 @@ def domain_schema(domain: Domain) -> str:
     return domain.name
 
 
+def check_db_name(path: str | Path, domain: Domain) -> None:
+    """DuckDB names a database after its file: `toy.duckdb` is catalog "toy", which makes the
+    domain schema's `toy.records` ambiguous. Refuse such a name before anything is written."""
+    if str(path) != ":memory:" and Path(path).stem == domain.name:
+        raise StoreError(f"--db {path}: a database file named after the domain makes `{domain.name}.records` "
+                         f"ambiguous in DuckDB; use another name, e.g. factory.duckdb")
+
+
 def records_ddl(domain: Domain) -> list[str]:
     s = domain_schema(domain)
     cols = ",\n    ".join(f'"{c.name}" {c.sql_type}' + ("" if c.nullable else " NOT NULL") for c in domain.spec.columns)
@@ -175,6 +183,7 @@ class Store:
 
     def ensure_domain(self, domain: Domain) -> None:
         """Create `<domain>.records`, or check that an existing one matches the spec."""
+        check_db_name(self.path, domain)
         s = domain_schema(domain)
         if (s, "records") in self._tables():
             have = self.con.execute(

@@ -523,36 +523,28 @@ def test_validate_file_with_unreadable_integers(tmp_path, value):
     assert_one_line_error(invoke("validate", "-d", "toy", path), "column 'width' cannot be read as Int64")
 
 
-# Out-of-range arguments that still end in a traceback. Each needs a change in factory/cli.py or
-# factory/store.py (files owned by others right now); see the report of issue #7 item 4. Strict:
-# once fixed, these xpass, fail, and the marker must go.
-CLI_FIX = pytest.mark.xfail(strict=True, reason="needs a range check in factory/cli.py (issue #7 item 4)")
-
-
-@CLI_FIX
+# Out-of-range arguments that used to end in a traceback.
 @pytest.mark.parametrize("args", [("-n", 5, "--seed", 2**63), ("-n", 2**63), ("-n", 5, "--batch-size", 2**63)],
                          ids=["seed", "n", "batch-size"])
 def test_numbers_beyond_int64_are_one_line(tmp_path, args):
-    """Now: duckdb.ConversionException traceback (exit 1) when the run is stored as BIGINT."""
+    """Was: a duckdb.ConversionException traceback (exit 1) when the run is stored as BIGINT."""
     r = invoke("generate", "-d", "toy", "--model", "baseline", "--db", tmp_path / "f.duckdb", "-q", *args)
     assert_one_line_error(r, "must be")
 
 
-@CLI_FIX
 def test_negative_examples_is_one_line(stored):
-    """Now: duckdb.BinderException traceback (LIMIT -1)."""
+    """Was: a duckdb.BinderException traceback (LIMIT -1)."""
     assert_one_line_error(invoke("rejections", _run_id(stored.db), "--examples", -1, "--db", stored.db), "--examples")
 
 
-@CLI_FIX
 def test_negative_max_rows_is_one_line(stored):
-    """Now: exit 0, no row shown, and '... 2 more rows not shown' for a one-row result."""
+    """Was: exit 0, no row shown, and '... 2 more rows not shown' for a one-row result."""
     assert_one_line_error(invoke("sql", "SELECT 1 AS x", "--max-rows", -1, "--db", stored.db), "--max-rows")
 
 
-@pytest.mark.xfail(strict=True, reason="factory/store.py: DuckDB's catalog (the file stem) clashes with "
-                                       "the domain's schema (issue #7 item 4)")
 def test_database_named_after_the_domain(tmp_path):
-    """Now: duckdb.BinderException 'Ambiguous reference to catalog or schema "toy"' traceback."""
-    r = invoke("generate", "-d", "toy", "--model", "baseline", "-n", 5, "--db", tmp_path / "toy.duckdb", "-q")
-    assert r.exit_code == 0 or (r.exit_code == 2 and len(r.output.strip().splitlines()) == 1), r.output
+    """Was: a duckdb.BinderException 'Ambiguous reference to catalog or schema "toy"' traceback."""
+    db = tmp_path / "toy.duckdb"
+    r = invoke("generate", "-d", "toy", "--model", "baseline", "-n", 5, "--db", db, "-q")
+    assert_one_line_error(r, "named after the domain")
+    assert not db.exists()  # refused before the file is created
