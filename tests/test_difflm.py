@@ -124,6 +124,19 @@ def test_decoder_generate_is_deterministic_and_parses_with_adversarial_bias(fina
     assert len(errors) == 64
 
 
+def test_min_p_keeps_only_tokens_near_the_most_likely(finance, tok):
+    """min_p -> 1 keeps only each step's most likely allowed token: the seed no longer matters.
+    min_p = 0 samples: different seeds differ. Both still parse (min-p acts after the mask)."""
+    torch.manual_seed(0)
+    dec = tiny_decoder(tok).freeze()
+    greedy = [dec.generate(None, tok, torch.Generator().manual_seed(s), batch=32, min_p=0.999) for s in (1, 2)]
+    sampled = [dec.generate(None, tok, torch.Generator().manual_seed(s), batch=32, min_p=0.0) for s in (1, 2)]
+    assert torch.equal(greedy[0], greedy[1]) and not torch.equal(sampled[0], sampled[1])
+    assert (greedy[0] == greedy[0][0]).all()  # one prompt, one argmax path
+    for ids in greedy + sampled:
+        assert parse_all(finance, tok.to_texts(ids))[1] == []
+
+
 def test_decoder_learns_a_tiny_overfit_set(finance, tok):
     dec = tiny_decoder(tok)
     ids = tok.encode(finance.load_split("train").head(16))

@@ -11,6 +11,7 @@ Its weights stay frozen while the VAE trains; only the soft prompt steers it.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -85,9 +86,12 @@ class DomainDecoder(FrozenLM):
 
     @torch.no_grad()
     def generate(self, prompt: torch.Tensor | None, tokenizer: SchemaTokenizer, generator: torch.Generator,
-                 temperature: float = 1.0, constrained: bool = True, batch: int | None = None) -> torch.Tensor:
+                 temperature: float = 1.0, constrained: bool = True, batch: int | None = None,
+                 min_p: float = 0.0) -> torch.Tensor:
         """Sample one record per prompt row; returns ids [B, L].
 
+        `min_p` > 0: drop tokens whose probability is below min_p times the step's most
+        likely token's (min-p sampling), after the schema mask.
         With `constrained`, each step's logits are masked to what the schema allows
         (tokenizer.allowed), so every output parses by construction. The KV cache is
         pre-allocated (transformers' StaticCache): the default growing cache re-copied
@@ -108,10 +112,13 @@ class DomainDecoder(FrozenLM):
                     position_ids=torch.arange(k + 1, device=dev)[None]).logits[:, -1]
         state = tokenizer.init_state(B)
         tokens = []
+        log_min_p = math.log(min_p) if min_p > 0 else None
         for t in range(tokenizer.length):
             logits = logits.float() / temperature
             if constrained:
                 logits = logits.masked_fill(~tokenizer.allowed(t, state), float("-inf"))
+            if min_p > 0:  # p / p_max < min_p  <=>  logit < max logit + log(min_p)
+                logits = logits.masked_fill(logits < logits.amax(-1, keepdim=True) + log_min_p, float("-inf"))
             # Gumbel-max: one pass, no normalization, same distribution as multinomial.
             u = torch.rand(logits.shape, generator=generator, device=dev).clamp_(1e-10, 1.0)
             nxt = (logits - torch.log(-torch.log(u))).argmax(-1)

@@ -66,15 +66,26 @@ def observed_max_constraints(domain, constraints=()) -> list:
     return [RangeBy(n, by, {v: (spec[n].lo, float(m)) for v in values}) for n, m in caps.items() if m is not None]
 
 
+# min-p sampling (drop tokens below 1% of the step's most likely one), on top of the schema mask
+# and the train-max caps. Measured on the shipped finance stack, 10k records, seed 0, same run:
+# pair trends 0.920 -> 0.939, shapes 0.9647 -> 0.9653, MLE ratios 0.950/0.944 -> 0.951/0.949,
+# DCR p1 0.0221 -> 0.0212 (holdout reference 0.0209), privacy rejections 17 -> 17.
+MIN_P = 0.01
+
+
 class DiffLMGenerator:
     model_id = "difflm"
 
     def __init__(self, domain, tokenizer, decoder, injector, denoiser, sampler, stats, path: Path,
                  batch_size: int = 2000, latent: str = "diffusion", constrained: bool = True,
                  temperature: float = 1.0, threads: int = 1, precision: str = "auto",
-                 relations: bool = True, device: str | torch.device = "cpu", observed_max: bool = True):
+                 relations: bool = True, device: str | torch.device = "cpu", observed_max: bool = True,
+                 min_p: float = MIN_P):
         if latent not in ("diffusion", "prior"):
             raise ModelError(f"latent must be 'diffusion' or 'prior', got {latent!r}")
+        if not 0.0 <= min_p < 1.0:
+            raise ModelError(f"min_p must be in [0, 1), got {min_p!r}")
+        self.min_p = min_p
         # Everything sampling touches lives on one device; every tensor it creates is made there.
         self.device = resolve_device(device)
         self.domain, self.tok, self.dec, self.inj = domain, tokenizer.to(self.device), decoder, injector.to(self.device)
@@ -85,7 +96,7 @@ class DiffLMGenerator:
         self.dec.to_precision(precision, self.device).to(self.device)
         self.settings = {"latent": latent, "constrained": constrained, "temperature": temperature,
                          "precision": self.dec.precision, "decode_batch": batch_size, "relations": relations,
-                         "observed_max": observed_max and relations and constrained,
+                         "observed_max": observed_max and relations and constrained, "min_p": min_p,
                          "diffusion_steps": sampler.cfg.steps, "device": self.device.type}
         # One thread: decoding is ~60 small ops per step, and on 2 shared cores a second
         # intra-op thread costs more in wake-ups than it computes (measured: cloning a
@@ -142,7 +153,7 @@ class DiffLMGenerator:
             b = min(self.batch_size, n - start)
             z = self.sample_latents(b, g)
             prompt = self.inj(z)
-            out.append(self.dec.generate(prompt, self.tok, g, self.temperature, self.constrained))
+            out.append(self.dec.generate(prompt, self.tok, g, self.temperature, self.constrained, min_p=self.min_p))
         return torch.cat(out).cpu() if out else torch.zeros(0, self.tok.length, dtype=torch.long)
 
     def generate(self, n: int, seed: int) -> list[str]:
