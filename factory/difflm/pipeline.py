@@ -66,11 +66,14 @@ def observed_max_constraints(domain, constraints=()) -> list:
     return [RangeBy(n, by, {v: (spec[n].lo, float(m)) for v in values}) for n, m in caps.items() if m is not None]
 
 
-# min-p sampling (drop tokens below 1% of the step's most likely one), on top of the schema mask
-# and the train-max caps. Measured on the shipped finance stack, 10k records, seed 0, same run:
-# pair trends 0.920 -> 0.939, shapes 0.9647 -> 0.9653, MLE ratios 0.950/0.944 -> 0.951/0.949,
-# DCR p1 0.0221 -> 0.0212 (holdout reference 0.0209), privacy rejections 17 -> 17.
-MIN_P = 0.01
+# min-p sampling (drop tokens below min_p x the step's most likely one), after the schema mask
+# and the train-max caps. Off by default. Measured on the shipped finance stack (same machine,
+# same day): min_p 0.01 lifts 10k-record pair trends 0.918 -> 0.936 (seed 7) / 0.920 -> 0.939
+# (seed 0) with shapes, MLE and DCR unchanged within noise, but it sharpens the marginals: at
+# 100k records the median of paid_principal moves 0.0205-0.0235 probability units from the
+# train split's, beyond the calibrated 0.02 of the distribution gate, which then refuses the
+# run (off: 0.0159, passes). The gate is the product's promise, so it wins.
+MIN_P = 0.0
 
 
 class DiffLMGenerator:
