@@ -198,6 +198,16 @@ class Engine(Protocol):
         ...
 
 
+def store_batch(store: Store, domain: Domain, plan: RunPlan, records: pl.DataFrame, rejections: pl.DataFrame,
+                state: ShardState, done: bool, on_progress: Callable[[], None], worker: str = "local") -> None:
+    """Store a batch (or a whole finished shard) with the shard's counters in one transaction,
+    report progress, then let go of the database file so that readers can open it while the
+    next batch is generated. Every engine stores through here."""
+    store.write_batch(plan.run_id, domain, records, rejections, state.shard, state.counters(), done, worker)
+    on_progress()
+    store.release()
+
+
 class LocalEngine:
     """Shards one after another in this process; every batch is stored as soon as it is judged,
     and the database file is released between batches so that readers can open it."""
@@ -210,9 +220,7 @@ class LocalEngine:
         privacy = PrivacyFilter.for_domain(domain) if plan.gates else None
 
         def sink(records, rejections, state, done):
-            store.write_batch(plan.run_id, domain, records, rejections, state.shard, state.counters(), done)
-            on_progress()
-            store.release()  # readers may open the file while the next batch is generated
+            store_batch(store, domain, plan, records, rejections, state, done, on_progress)
 
         store.release()
         for state in todo:

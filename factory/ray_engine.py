@@ -33,7 +33,9 @@ from dataclasses import dataclass, field
 
 import polars as pl
 
-from factory.loop import AttemptBudgetExceeded, RunPlan, ShardState, _budget_message, generate_shard
+from factory.checks.privacy import PrivacyFilter
+from factory.loop import (AttemptBudgetExceeded, RunPlan, ShardState, _budget_message, generate_shard,
+                          store_batch)
 
 WORKER_RESTARTS = 3  # per worker; a shard is retried as often
 
@@ -64,14 +66,12 @@ class ShardWorker:
     """A Ray actor (see RayEngine): one domain stack, loaded once, running shard after shard."""
 
     def __init__(self, spec: GeneratorSpec):
-        from factory.checks.privacy import PrivacyFilter
         from factory.domain import load_domain
         from factory.generators import load_generator
 
         self.domain = load_domain(spec.domain)
         self.generator = load_generator(self.domain, spec.model, model_dir=spec.model_dir, **spec.options)
-        self._privacy_factory = lambda: PrivacyFilter.for_domain(self.domain)
-        self._privacy = None
+        self._privacy = None  # loaded with the first shard that needs it
         self.name = f"ray:{socket.gethostname()}:{os.getpid()}"
 
     def identity(self) -> tuple[str, str, str]:
@@ -79,7 +79,7 @@ class ShardWorker:
 
     def run_shard(self, plan: RunPlan, state: ShardState) -> ShardResult:
         if plan.gates and self._privacy is None:
-            self._privacy = self._privacy_factory()
+            self._privacy = PrivacyFilter.for_domain(self.domain)
         records, rejections = [], []
 
         def sink(recs, rejs, _state, _done):
@@ -163,10 +163,8 @@ class RayEngine:
                     raise EngineError(f"shard {state.shard} failed: its Ray worker died {WORKER_RESTARTS + 1} times "
                                       f"({str(e).strip().splitlines()[0][:200]}); finished shards are stored, "
                                       f"continue with `factory generate --resume {plan.run_id}`") from None
-                store.write_batch(plan.run_id, domain, result.records, result.rejections, state.shard,
-                                  result.state.counters(), done=result.complete, worker=result.worker)
-                on_progress()
-                store.release()
+                store_batch(store, domain, plan, result.records, result.rejections, result.state, result.complete,
+                            on_progress, result.worker)
                 if not result.complete:
                     raise AttemptBudgetExceeded(_budget_message(store, plan, result.state))
                 idle.append(actor)
