@@ -47,6 +47,7 @@ if str(ROOT) not in sys.path:
 
 from domains.finance.domain import DOMAIN  # noqa: E402
 from factory import evaluate as ev  # noqa: E402
+from factory.report import fmt_number as fmt  # noqa: E402
 from schemas.columns import Categorical, Numeric, TableSpec  # noqa: E402
 
 ACCOUNTING_RULES = ("installment_matches_amortization", "paid_total_is_sum", "grade_matches_sub_grade")
@@ -259,14 +260,6 @@ def run(args) -> dict:
             raise SystemExit(f"unknown model {name!r}")
 
     return {"real_mle": real_mle, "results": results}
-
-
-def fmt(x, digits=3):
-    if x is None:
-        return "—"
-    if isinstance(x, int):
-        return f"{x:,}"
-    return f"{x:.{digits}f}"
 
 
 def markdown(report: dict) -> str:

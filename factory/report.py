@@ -218,7 +218,8 @@ def comparison(metrics: dict, peers: dict, run_note: str = "") -> dict:
     return {"included": True, "source": src, "candidates": rows}
 
 
-def _num(v, digits: int = 3) -> str:
+def fmt_number(v, digits: int = 3) -> str:
+    """A table cell: "—" for a missing value, thousands separators for counts, `digits` decimals else."""
     if v is None:
         return "—"
     if isinstance(v, int):
@@ -234,9 +235,9 @@ def _comparison_html(comp: dict) -> str:
     body = []
     for c in comp["candidates"]:
         s = c["scores"]
-        cells = [c["candidate"], c["source"], _num(s["n_rows"]), _num(s["valid_rate"]), _num(s["column_shapes"]),
-                 _num(s["column_pair_trends"]), *[_num(s.get(k)) for k in mle_keys], _num(s["exact_copies"]),
-                 _num(s["dcr_median"], 4)]
+        cells = [c["candidate"], c["source"], fmt_number(s["n_rows"]), fmt_number(s["valid_rate"]), fmt_number(s["column_shapes"]),
+                 fmt_number(s["column_pair_trends"]), *[fmt_number(s.get(k)) for k in mle_keys], fmt_number(s["exact_copies"]),
+                 fmt_number(s["dcr_median"], 4)]
         same = "yes" if not c["differences"] else "; ".join(c["differences"])
         cls = "" if not c["differences"] else ' class="differs"'
         body.append("<tr>" + "".join(f"<td>{html.escape(x)}</td>" for x in cells)
