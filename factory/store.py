@@ -18,6 +18,7 @@ import json
 import os
 import re
 import time
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -140,9 +141,8 @@ class Store:
     def release(self) -> None:
         """Close the file so other processes can open it; the next use reopens it.
         A no-op for ":memory:" (closing would lose the database)."""
-        if self.path != ":memory:" and self._con is not None:
-            self._con.close()
-            self._con = None
+        if self.path != ":memory:":
+            self.close()
 
     def __enter__(self) -> Store:
         return self
@@ -154,6 +154,29 @@ class Store:
         if self._con is not None:
             self._con.close()
             self._con = None
+
+    @contextmanager
+    def _transaction(self, on_disk_error: str = ""):
+        """One transaction: committed if the block ends normally, rolled back otherwise. A write
+        the disk refuses (full, I/O error; the commit fails) becomes a StoreError naming the
+        file, followed by `on_disk_error` (what to do next)."""
+        self.con.begin()
+        try:
+            yield self.con
+            self.con.commit()
+        except (duckdb.IOException, duckdb.TransactionException) as e:
+            self._rollback_quietly()
+            raise StoreError(f"cannot write to {self.path}: {_first_line(e)}{on_disk_error}") from None
+        except BaseException:
+            self._rollback_quietly()
+            raise
+
+    def _rollback_quietly(self) -> None:
+        """Roll back the open transaction, if DuckDB still has one (a failed commit ends it)."""
+        try:
+            self.con.rollback()
+        except duckdb.Error:
+            pass
 
     # ---- schema ------------------------------------------------------------------------------
     def _tables(self) -> set[tuple[str, str]]:
@@ -175,11 +198,10 @@ class Store:
             raise StoreError(f"{self.path} is a DuckDB database but not a factory store (no meta table)")
         if self.read_only:
             raise StoreError(f"{self.path} is empty, not a factory store; run `factory generate` first")
-        self.con.begin()
-        self.con.execute(DDL_PATH.read_text())
-        self.con.execute("INSERT INTO meta VALUES ('schema_version', ?), ('created_by', ?)",
-                         [SCHEMA_VERSION, f"factory {__version__}"])
-        self.con.commit()
+        with self._transaction() as con:
+            con.execute(DDL_PATH.read_text())
+            con.execute("INSERT INTO meta VALUES ('schema_version', ?), ('created_by', ?)",
+                        [SCHEMA_VERSION, f"factory {__version__}"])
 
     def ensure_domain(self, domain: Domain) -> None:
         """Create `<domain>.records`, or check that an existing one matches the spec."""
@@ -197,10 +219,9 @@ class Store:
             return
         if self.read_only:
             raise StoreError(f"{self.path} has no records for domain {s!r}")
-        self.con.begin()
-        for stmt in records_ddl(domain):
-            self.con.execute(stmt)
-        self.con.commit()
+        with self._transaction() as con:
+            for stmt in records_ddl(domain):
+                con.execute(stmt)
 
     # ---- runs --------------------------------------------------------------------------------
     def start_run(self, run_id: str, domain: Domain, model_id: str, model_version: str, seed: int,
@@ -210,20 +231,15 @@ class Store:
         if sum(shard_sizes) != requested_n:
             raise ValueError(f"shard sizes {shard_sizes} do not add up to n={requested_n}")
         self.ensure_domain(domain)
-        self.con.begin()
-        try:
-            self.con.execute(
+        with self._transaction() as con:
+            con.execute(
                 "INSERT INTO runs (run_id, domain, model_id, model_version, seed, requested_n, batch_size, "
                 "rule_set_hash, factory_version, settings, started_at, status) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'running')",
                 [run_id, domain.name, model_id, model_version, seed, requested_n, batch_size, domain.rule_set_hash,
                  __version__, json.dumps(settings, sort_keys=True), _now()])
-            self.con.executemany("INSERT INTO shards (run_id, shard, requested_n, status) VALUES (?, ?, ?, 'pending')",
-                                 [[run_id, i, k] for i, k in enumerate(shard_sizes)])
-            self.con.commit()
-        except BaseException:
-            self.con.rollback()
-            raise
+            con.executemany("INSERT INTO shards (run_id, shard, requested_n, status) VALUES (?, ?, ?, 'pending')",
+                            [[run_id, i, k] for i, k in enumerate(shard_sizes)])
 
     def write_batch(self, run_id: str, domain: Domain, records: pl.DataFrame, rejections: pl.DataFrame,
                     shard: int, counters: dict[str, int], done: bool = False, worker: str = "local") -> None:
@@ -234,48 +250,35 @@ class Store:
         Idempotent per shard: writing to a shard that is already done is refused (returns
         without writing), so a shard delivered twice (a retried Ray task) is stored once."""
         s = domain_schema(domain)
-        self.con.begin()
+        resume = (f"; every earlier batch is stored: make room, then continue with "
+                  f"`factory generate --resume {run_id} --db {self.path}`")
         try:
-            rows = self.con.execute("SELECT status FROM shards WHERE run_id = ? AND shard = ?",
-                                    [run_id, shard]).fetchall()
-            if not rows:
-                raise StoreError(f"run {run_id} has no shard {shard}")
-            if rows[0][0] == "done":
-                self.con.rollback()
-                return
-            if records.height:
-                self.con.register("_batch_records", records.to_arrow())
-                self.con.execute(f'INSERT INTO "{s}".records BY NAME SELECT * FROM _batch_records')
-            if rejections.height:
-                self.con.register("_batch_rejections", rejections.to_arrow())
-                self.con.execute("INSERT INTO rejections BY NAME SELECT * FROM _batch_rejections")
-            self.con.execute(
-                "UPDATE shards SET attempted = ?, accepted = ?, rejected = ?, surplus = ?, batches = ?, status = ?, "
-                "worker = ?, finished_at = ? WHERE run_id = ? AND shard = ?",
-                [counters["attempted"], counters["accepted"], counters["rejected"], counters["surplus"],
-                 counters["batches"], "done" if done else "running", worker, _now() if done else None, run_id, shard])
-            self.con.execute(
-                "UPDATE runs SET attempted = t.a, accepted = t.acc, rejected = t.r, surplus = t.s FROM ("
-                "SELECT sum(attempted) a, sum(accepted) acc, sum(rejected) r, sum(surplus) s FROM shards "
-                "WHERE run_id = ?) t WHERE run_id = ?", [run_id, run_id])
-            self.con.commit()
-        except (duckdb.IOException, duckdb.TransactionException) as e:  # disk full, I/O error, failed commit
-            self._rollback_quietly()
-            raise StoreError(f"cannot write to {self.path}: {_first_line(e)}; every earlier batch is stored: make "
-                             f"room, then continue with `factory generate --resume {run_id} --db {self.path}`") from None
-        except BaseException:
-            self._rollback_quietly()
-            raise
+            with self._transaction(resume) as con:
+                rows = con.execute("SELECT status FROM shards WHERE run_id = ? AND shard = ?",
+                                   [run_id, shard]).fetchall()
+                if not rows:
+                    raise StoreError(f"run {run_id} has no shard {shard}")
+                if rows[0][0] == "done":
+                    return  # nothing written: the transaction commits empty
+                if records.height:
+                    con.register("_batch_records", records.to_arrow())
+                    con.execute(f'INSERT INTO "{s}".records BY NAME SELECT * FROM _batch_records')
+                if rejections.height:
+                    con.register("_batch_rejections", rejections.to_arrow())
+                    con.execute("INSERT INTO rejections BY NAME SELECT * FROM _batch_rejections")
+                con.execute(
+                    "UPDATE shards SET attempted = ?, accepted = ?, rejected = ?, surplus = ?, batches = ?, "
+                    "status = ?, worker = ?, finished_at = ? WHERE run_id = ? AND shard = ?",
+                    [counters["attempted"], counters["accepted"], counters["rejected"], counters["surplus"],
+                     counters["batches"], "done" if done else "running", worker, _now() if done else None, run_id,
+                     shard])
+                con.execute(
+                    "UPDATE runs SET attempted = t.a, accepted = t.acc, rejected = t.r, surplus = t.s FROM ("
+                    "SELECT sum(attempted) a, sum(accepted) acc, sum(rejected) r, sum(surplus) s FROM shards "
+                    "WHERE run_id = ?) t WHERE run_id = ?", [run_id, run_id])
         finally:
             for view in ("_batch_records", "_batch_rejections"):
                 self.con.unregister(view)
-
-    def _rollback_quietly(self) -> None:
-        """Roll back the open transaction, if DuckDB still has one (a failed commit ends it)."""
-        try:
-            self.con.rollback()
-        except duckdb.Error:
-            pass
 
     def shards(self, run_id: str) -> list[dict]:
         """The run's shards in order, with their counters and status."""
@@ -296,26 +299,21 @@ class Store:
         rejections (stage 'distribution', no attempt), atomically.
         `checks`: dicts with the columns of the checks table (check_name, column_names, ...);
         `rejections`: dicts with rule and message."""
-        self.con.begin()
-        try:
-            self.con.execute("DELETE FROM checks WHERE run_id = ?", [run_id])
-            self.con.execute("DELETE FROM rejections WHERE run_id = ? AND stage = 'distribution'", [run_id])
+        with self._transaction() as con:
+            con.execute("DELETE FROM checks WHERE run_id = ?", [run_id])
+            con.execute("DELETE FROM rejections WHERE run_id = ? AND stage = 'distribution'", [run_id])
             if checks:
-                self.con.executemany(
+                con.executemany(
                     "INSERT INTO checks (run_id, check_name, column_names, statistic, threshold, direction, status, "
                     "passed, detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     [[run_id, c["check_name"], c["column_names"], c["statistic"], c["threshold"], c["direction"],
                       c["status"], c["passed"], c["detail"]] for c in checks])
             if rejections:
-                self.con.executemany(
+                con.executemany(
                     "INSERT INTO rejections (run_id, attempt_id, batch, stage, rule, message, raw_text) "
                     "VALUES (?, NULL, NULL, 'distribution', ?, ?, NULL)",
                     [[run_id, r["rule"], r["message"]] for r in rejections])
-            self.con.execute("UPDATE runs SET gate = ? WHERE run_id = ?", [gate, run_id])
-            self.con.commit()
-        except BaseException:
-            self.con.rollback()
-            raise
+            con.execute("UPDATE runs SET gate = ? WHERE run_id = ?", [gate, run_id])
 
     # ---- reads -------------------------------------------------------------------------------
     def frame(self, sql: str, params: list | None = None) -> pl.DataFrame:
