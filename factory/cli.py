@@ -137,7 +137,7 @@ def generate(
                                          "its own seeds; same seed and shards give the same records on any engine "
                                          "(default: 1 with --engine local, 4 per worker with --engine ray)"),
     engine: str = typer.Option("local", "--engine", help="local: this process; ray: a Ray cluster (pip install "
-                               "factory[ray])"),
+                               "'factory\\[ray]')"),
     address: Optional[str] = typer.Option(None, "--address", help="ray: an existing cluster (e.g. ray://head:10001 "
                                           "or auto); default: start a local cluster for this run"),
     workers: int = typer.Option(2, "--workers", help="ray: worker processes (one CPU and one model each)"),

@@ -210,3 +210,10 @@ def test_report_writes_a_self_contained_page_and_metrics(db, tmp_path):
     m = json.loads((tmp_path / "rep" / "metrics.json").read_text())
     assert m["run_id"] == run_id and m["rule_validity"]["valid_rate"] == 1.0
     assert_user_error(invoke("report", "no-such-run", "--db", db), "no run 'no-such-run'")
+
+
+def test_help_keeps_bracketed_install_hint():
+    # rich markup treats "[ray]" as a style tag and drops it unless escaped
+    r = runner.invoke(app, ["generate", "--help"], env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    assert "factory[ray]" in r.output
