@@ -41,7 +41,7 @@ class MarginalBaseline:
     @classmethod
     def fit(cls, domain: Domain, split: str = "train") -> MarginalBaseline:
         names = domain.spec.generated_names
-        data = domain.load_split(split).select(names)
+        data = domain.to_generated(domain.load_split(split))
         if data.height == 0:
             raise ValueError(f"domain {domain.name!r}: the {split} split is empty")
         marginals = {}

@@ -90,9 +90,10 @@ def domains():
     """List the domains, their columns and their rules."""
     for name in available_domains():
         d = load_domain(name)
-        n_derived = len(d.spec.columns) - len(d.spec.generated)
+        n_derived = sum(c.derived for c in d.spec.columns)
+        latent = f", {len(d.spec.latent)} latent" if d.spec.latent else ""
         out.print(Text(name, style="bold") + Text(f"  {d.description}"))
-        out.print(f"  {len(d.spec.columns)} columns ({n_derived} derived), {len(d.rules)} rules, "
+        out.print(f"  {len(d.spec.columns)} columns ({n_derived} derived{latent}), {len(d.rules)} rules, "
                   f"default model: {default_model(d)}, folder: {d.root}", soft_wrap=True)
         for rule in d.rules:
             out.print(Text(f"  - {rule.name}: ", style="cyan") + Text(rule.message), soft_wrap=True)

@@ -57,8 +57,14 @@ class Domain:
     config: dict = field(default_factory=dict)
     # relations the decoder's token mask enforces (schemas/constraints.py); the rules still check them
     decode_constraints: list = field(default_factory=list)
+    # records -> the same rows with the spec's latent columns added (schemas/columns.py);
+    # required when the spec has latent columns, and `complete(to_generated(x))` must give x back
+    latents: Callable[[pl.DataFrame], pl.DataFrame] | None = None
 
     def __post_init__(self):
+        if self.spec.latent and self.latents is None:
+            raise DomainError(f"domain {self.name!r}: the spec has latent columns "
+                              f"({', '.join(self.spec.latent_names)}) but no latents= function to compute them")
         if self.config is not None:
             check_config(self.config, getattr(self.config, "source", None) or f"{Path(self.root) / 'domain.py'} (config)")
         inner = self.load_split.load_split if isinstance(self.load_split, _SplitLoader) else self.load_split
@@ -79,6 +85,13 @@ class Domain:
     @property
     def model_dir(self) -> Path:
         return self.root / "model"
+
+    def to_generated(self, records: pl.DataFrame) -> pl.DataFrame:
+        """Records (e.g. a real split) -> what a model writes for them: the generated columns,
+        latent ones computed by the domain's `latents`. Models and the baseline train on this."""
+        if self.latents is not None:
+            records = self.latents(records)
+        return records.select(self.spec.generated_names)
 
     def complete(self, generated: pl.DataFrame) -> pl.DataFrame:
         """Generated columns -> full records in spec order (derived columns filled; other columns dropped).

@@ -35,15 +35,15 @@ def _decimal_re(decimals: int) -> re.Pattern:
 class Serializer:
     def __init__(self, spec: TableSpec):
         self.spec = spec
-        for c in spec.columns:
+        for c in spec.all_columns:  # latent columns are written and parsed like any other
             for bad in (FIELD_SEP, KEY_SEP):
                 if bad in c.name or (isinstance(c, Categorical) and any(bad in str(v) for v in c.values)):
                     raise ValueError(f"column {c.name!r}: {bad!r} cannot appear in names or categories")
-        self._cols = {c.name: c for c in spec.columns}  # O(1) lookup on the per-value hot path
-        self._cats = {c.name: {str(v): v for v in c.values} for c in spec.columns if isinstance(c, Categorical)}
+        self._cols = {c.name: c for c in spec.all_columns}  # O(1) lookup on the per-value hot path
+        self._cats = {c.name: {str(v): v for v in c.values} for c in spec.all_columns if isinstance(c, Categorical)}
         self._num_re = {
             c.name: (_INT if c.decimals == 0 else _decimal_re(c.decimals))
-            for c in spec.columns
+            for c in spec.all_columns
             if isinstance(c, Numeric)
         }
 

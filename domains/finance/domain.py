@@ -4,7 +4,7 @@ from pathlib import Path
 from factory.domain import Domain, load_config
 
 from . import data
-from .schema import DECODE_CONSTRAINTS, RULES, SPEC, derive
+from .schema import DECODE_CONSTRAINTS, RULES, SPEC, derive, latents
 
 HERE = Path(__file__).parent
 
@@ -18,4 +18,5 @@ DOMAIN = Domain(
     description="Lending Club personal loans, Jan-Mar 2018 (openintro/loans_full_schema)",
     config=load_config(HERE),
     decode_constraints=DECODE_CONSTRAINTS,
+    latents=latents,
 )

@@ -43,8 +43,7 @@ class PrivacyFilter:
         cfg = gate_config(domain)
         if not cfg.privacy:
             return None
-        train = domain.load_split("train")
-        return cls(domain.complete(train.select(domain.spec.generated_names)), domain.spec, cfg.near_copy_dcr)
+        return cls(domain.complete(domain.to_generated(domain.load_split("train"))), domain.spec, cfg.near_copy_dcr)
 
     def judge(self, frame: pl.DataFrame) -> pl.DataFrame:
         """Failing rows of `frame`: columns row (index in frame), rule, message."""

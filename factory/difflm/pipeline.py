@@ -56,7 +56,7 @@ def observed_max_constraints(domain, constraints=()) -> list:
     by = next((n for n in names if isinstance(spec[n], Categorical)), None)
     if by is None:
         return []
-    train = domain.load_split("train")
+    train = domain.to_generated(domain.load_split("train"))
     caps = {n: train[n].max() for n in names[names.index(by) + 1:]
             if isinstance(spec[n], Numeric) and train[n].null_count() < train.height}
     for c in constraints:

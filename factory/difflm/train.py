@@ -100,7 +100,7 @@ class Trainer:
         torch.set_num_threads(cfg.threads)
         self.columns = domain.spec.generated_names
         self.tok = SchemaTokenizer(domain.spec, self.columns)
-        train, val = domain.load_split("train"), domain.load_split("val")
+        train, val = (domain.to_generated(domain.load_split(s)) for s in ("train", "val"))
         if cfg.max_train_rows:
             train, val = train.head(cfg.max_train_rows), val.head(max(32, cfg.max_train_rows // 8))
         self.frames = {"train": train, "val": val}
