@@ -38,7 +38,7 @@ def parse_all(finance, texts):
 # ---- tokenizer ---------------------------------------------------------------------------
 def test_tokenizer_round_trips_all_real_rows(finance, tok):
     for split in ("train", "val", "test"):
-        df = finance.load_split(split).select(finance.spec.generated_names)
+        df = finance.to_generated(finance.load_split(split))
         ids = tok.encode(df)
         assert ids.shape == (df.height, tok.length)
         assert tok.decode(ids).equals(df)
@@ -56,7 +56,7 @@ def test_tokenizer_save_load_and_schema_mismatch(finance, tok, tmp_path):
 
 
 def test_unconstrained_garbage_is_rejected_by_the_parser_with_a_reason(finance, tok):
-    ids = tok.encode(finance.load_split("val").head(3).select(finance.spec.generated_names))
+    ids = tok.encode(finance.to_generated(finance.load_split("val").head(3)))
     ids[0, 2] = 5  # a chunk token where `state` (a category) belongs
     ids[1, 4] = PAD  # padding in annual_income
     _, errors = parse_all(finance, tok.to_texts(ids))

@@ -72,8 +72,8 @@ def test_skewed_but_valid_runs_fail_naming_the_check(finance, splits):
     assert {"ks:annual_income", "q50:annual_income"} <= failed(result)
     assert not {n for n in failed(result) if "income" not in n and n != "corr:max"}
     # relations broken, marginals kept: shuffle loan_amount within the run (installment follows)
-    shuffled = finance.complete(splits["test"].with_columns(pl.col("loan_amount").shuffle(seed=2))
-                                .select(finance.spec.generated_names))
+    shuffled = finance.complete(finance.to_generated(splits["test"]).with_columns(
+        pl.col("loan_amount").shuffle(seed=2)))
     shuffled = shuffled.filter(finance.validator.validate(shuffled).valid)
     result = evaluate_run(finance, shuffled)
     assert "corr:max" in failed(result) and not any(n.startswith("ks:loan_amount") for n in failed(result))
@@ -121,8 +121,8 @@ class SequenceGenerator:
 
 def _planted(finance, splits):
     gen = finance.spec.generated_names
-    train = splits["train"].filter(pl.col("application_type") == "individual").head(8).select(gen)
-    fresh = splits["test"].head(12).select(gen)
+    train = finance.to_generated(splits["train"].filter(pl.col("application_type") == "individual").head(8))
+    fresh = finance.to_generated(splits["test"].head(12))
     near = train.with_columns(pl.col("annual_income") + 500)  # 500 USD more: a near copy
     texts = []
     for i in range(8):
@@ -135,11 +135,10 @@ def _planted(finance, splits):
 
 def test_privacy_filter_rejects_copies_and_near_copies(finance, splits):
     f = PrivacyFilter.for_domain(finance)
-    gen = finance.spec.generated_names
-    train = splits["train"].head(5)
+    train = finance.to_generated(splits["train"].head(5))
     frame = pl.concat([
-        finance.complete(train.select(gen)),  # copies of the generated columns
-        finance.complete(train.select(gen).with_columns(pl.col("paid_late_fees") + 1.0)),  # near copies
+        finance.complete(train),  # copies of the generated columns
+        finance.complete(train.with_columns(pl.col("paid_late_fees") + 1.0)),  # near copies
         splits["test"].head(5),  # fresh real rows
     ])
     bad = f.judge(frame)
@@ -162,8 +161,8 @@ def test_loop_tops_up_after_privacy_rejections(finance, splits, store):
     assert counts == {"exact_copy": 8, "near_copy": 8}
     assert rej.filter(pl.col("rule") == "near_copy")["message"].str.contains(r"distance to the closest").all()
     assert exact_copies(splits["train"], records, finance.spec) == 0
-    gen = finance.spec.generated_names  # the accepted records are exactly the 12 fresh real rows
-    assert records.select(gen).sort(gen).equals(splits["test"].head(12).select(gen).sort(gen))
+    names = finance.spec.names  # the accepted records are exactly the 12 fresh real rows
+    assert records.select(names).sort(names).equals(finance.complete(finance.to_generated(splits["test"].head(12))).sort(names))
     assert run["gate"] == "skipped"  # 12 records: too few for the distribution gate
 
 

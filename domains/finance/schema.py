@@ -73,7 +73,13 @@ SPEC = TableSpec((
     Numeric("principal_extra", 0, 40_000, decimals=2, latent=True,
             description="principal paid beyond the schedule after payments_made payments"),
     Numeric("paid_principal", 0, 40_000, decimals=2, derived=True),
-    Numeric("paid_interest", 0, 99_999.99, decimals=2),
+    # Latent: paid_interest = the schedule's interest after payments_made payments, minus or plus
+    # interest_gap (the schema tokenizer writes non-negative numbers, so the sign is a category).
+    Categorical("interest_vs_schedule", ("below", "above"), latent=True,
+                description="is paid_interest below or above the schedule's interest"),
+    Numeric("interest_gap", 0, 99_999.99, decimals=2, latent=True,
+            description="|paid_interest - the schedule's interest after payments_made payments|"),
+    Numeric("paid_interest", 0, 99_999.99, decimals=2, derived=True),
     Numeric("paid_late_fees", 0, 9_999.99, decimals=2),
     Numeric("paid_total", 0, 199_999.99, decimals=2, derived=True),
     Numeric("balance", 0, 40_000, decimals=2, derived=True, description="outstanding principal"),
@@ -138,22 +144,27 @@ DECODE_CONSTRAINTS = [
 ]
 
 _scheduled = scheduled_principal(pl.col("loan_amount"), pl.col("interest_rate"), pl.col("term"), pl.col("payments_made"))
+# interest of the schedule after payments_made payments: payments - principal, at the derived installment
+_scheduled_interest = (pl.col("payments_made").cast(pl.Float64) * _amort.round(2) - _scheduled).round(2)
 MAX_PAYMENTS = 60
 
 
 def latents(df: pl.DataFrame) -> pl.DataFrame:
-    """Records -> the same rows plus the latent columns that `derive` turns back into paid_principal.
+    """Records -> the same rows plus the latent columns that `derive` turns back into
+    paid_principal and paid_interest.
 
-    Why: on the real loans, 90% of Current loans have paid exactly the amortization schedule's
-    principal after a whole number of payments (2-5 for loans issued Jan-Mar 2018). That exact
-    schedule is what ties paid_principal to interest_rate, and grade. A small LM writing the
-    number itself misses it by +-0.3 installments (a 10k-record sample), which blurs the grade
-    signal; writing a count of payments plus the (mostly zero) remainder keeps it exact.
+    Why: on the real loans, 91% of Current loans have paid exactly the amortization schedule's
+    principal after a whole number of payments (2-5 for loans issued Jan-Mar 2018), and interest
+    within tens of dollars of the schedule's. That schedule is what ties the paid amounts to
+    interest_rate, and so to grade. A small LM writing the amounts digit by digit misses the
+    schedule by +-0.3 installments (a 10k-record sample), which blurs the grade signal; writing a
+    count of payments plus small remainders keeps it.
 
     payments_made = the largest k <= term whose scheduled principal is at most paid_principal;
-    principal_extra = paid_principal - that scheduled principal (>= 0, in cents). A Fully Paid
-    loan is k = term, extra 0. `derive` computes paid_principal back exactly (tested on every
-    real row).
+    principal_extra = paid_principal - that scheduled principal (>= 0, in cents; a Fully Paid
+    loan is k = term, extra 0); interest_vs_schedule and interest_gap = the sign and size of
+    paid_interest - the schedule's interest after k payments. `derive` computes both amounts back
+    exactly (tested on every real row).
     """
     rows = df.select("loan_amount", "interest_rate", "term", "paid_principal").with_row_index("_row")
     counts = pl.DataFrame({"payments_made": pl.int_range(0, MAX_PAYMENTS + 1, eager=True)})
@@ -163,8 +174,12 @@ def latents(df: pl.DataFrame) -> pl.DataFrame:
             .filter(pl.col("_s") <= pl.col("paid_principal"))
             .group_by("_row").agg(pl.col("payments_made").max(), pl.col("_s").max()))
     best = rows.select("_row").join(best, on="_row", how="left", maintain_order="left")
-    return df.with_columns(payments_made=best["payments_made"].fill_null(0).cast(pl.Int64),
-                           principal_extra=(df["paid_principal"].cast(pl.Float64) - best["_s"].fill_null(0.0)).round(2))
+    out = df.with_columns(payments_made=best["payments_made"].fill_null(0).cast(pl.Int64),
+                          principal_extra=(df["paid_principal"].cast(pl.Float64) - best["_s"].fill_null(0.0)).round(2))
+    gap = (pl.col("paid_interest").cast(pl.Float64) - _scheduled_interest).round(2)
+    return out.with_columns(interest_vs_schedule=pl.when(gap < 0).then(pl.lit("below")).otherwise(pl.lit("above")),
+                            interest_gap=gap.abs())
+
 
 def derive(df: pl.DataFrame) -> pl.DataFrame:
     """Fill the columns that a rule fully determines (SDV-style constraint transform).
@@ -177,6 +192,8 @@ def derive(df: pl.DataFrame) -> pl.DataFrame:
         installment=_amort.round(2),
         paid_principal=pl.when(pl.col("loan_status") == "Fully Paid").then(pl.col("loan_amount").cast(pl.Float64))
         .otherwise((_scheduled + pl.col("principal_extra")).round(2)),
+        paid_interest=(_scheduled_interest + pl.when(pl.col("interest_vs_schedule") == "below")
+                       .then(-pl.col("interest_gap")).otherwise(pl.col("interest_gap"))).round(2),
     ).with_columns(
         paid_total=_paid_sum.round(2),
         balance=pl.when(pl.col("loan_status") == "Charged Off").then(0.0).otherwise(_outstanding.cast(pl.Float64).round(2)),
