@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import polars as pl
+
 
 @dataclass(frozen=True)
 class MustBeNull:
@@ -56,4 +58,20 @@ class AtLeast:
     when: tuple | None = None
 
 
-DecodeConstraint = MustBeNull | MustNotBeNull | RangeBy | AtMost | AtLeast
+@dataclass(frozen=True)
+class AtMostExpr:
+    """Numeric `column` <= `bound`, a polars expression over columns generated before it (e.g. the
+    interest an amortization schedule has accrued); a row where `bound` is null is unconstrained.
+    Optionally only when column when[0] is in when[1]. The domain's own expression is evaluated,
+    so the mask and the arithmetic in `derive` cannot disagree."""
+
+    column: str
+    bound: pl.Expr = field(hash=False, compare=False)
+    when: tuple | None = None
+
+    @property
+    def inputs(self) -> list[str]:
+        return sorted(set(self.bound.meta.root_names()))
+
+
+DecodeConstraint = MustBeNull | MustNotBeNull | RangeBy | AtMost | AtLeast | AtMostExpr

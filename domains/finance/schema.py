@@ -14,7 +14,7 @@ import polars as pl
 from factory.rules import Rule
 from schemas.checks import amortized_installment, scheduled_principal, within
 from schemas.columns import Categorical, Numeric, TableSpec
-from schemas.constraints import AtLeast, AtMost, MustBeNull, MustNotBeNull, RangeBy
+from schemas.constraints import AtLeast, AtMost, AtMostExpr, MustBeNull, MustNotBeNull, RangeBy
 
 HERE = Path(__file__).parent
 
@@ -127,6 +127,14 @@ RULES = [
 ]
 
 
+_scheduled = scheduled_principal(pl.col("loan_amount"), pl.col("interest_rate"), pl.col("term"), pl.col("payments_made"))
+# The reference for paid_interest: the schedule's interest after payments_made payments (payments
+# minus principal, at the derived installment). 0 for a Fully Paid loan: it was repaid early, after
+# an unknown number of payments, so its interest is written as is.
+_scheduled_interest = (pl.when(pl.col("loan_status") == "Fully Paid").then(0.0)
+                       .otherwise(pl.col("payments_made").cast(pl.Float64) * _amort.round(2) - _scheduled).round(2))
+MAX_PAYMENTS = 60
+
 # What schema-guided decoding enforces while a record is written (each mirrors a rule
 # above, which still checks every record). A small LM gets these relations mostly
 # right on its own; the mask makes them exact instead of leaving them to rejection.
@@ -141,12 +149,10 @@ DECODE_CONSTRAINTS = [
     AtMost("open_credit_lines", "total_credit_lines"),
     RangeBy("interest_rate", "sub_grade", RATE_BANDS),
     RangeBy("payments_made", "term", {36: (0, 36), 60: (0, 60)}),
+    # paid_interest >= 0: an interest gap below the schedule is at most the schedule's interest
+    AtMostExpr("interest_gap", _scheduled_interest, when=("interest_vs_schedule", ("below",))),
 ]
 
-_scheduled = scheduled_principal(pl.col("loan_amount"), pl.col("interest_rate"), pl.col("term"), pl.col("payments_made"))
-# interest of the schedule after payments_made payments: payments - principal, at the derived installment
-_scheduled_interest = (pl.col("payments_made").cast(pl.Float64) * _amort.round(2) - _scheduled).round(2)
-MAX_PAYMENTS = 60
 
 
 def latents(df: pl.DataFrame) -> pl.DataFrame:

@@ -22,7 +22,7 @@ import polars as pl
 import torch
 
 from schemas.columns import Categorical, Numeric, TableSpec
-from schemas.constraints import AtLeast, AtMost, MustBeNull, MustNotBeNull, RangeBy
+from schemas.constraints import AtLeast, AtMost, AtMostExpr, MustBeNull, MustNotBeNull, RangeBy
 
 PAD, BOS, NULL = 0, 1, 2
 N_SPECIAL = 3
@@ -197,7 +197,8 @@ class SchemaTokenizer:
         for c in constraints:
             deps = {MustBeNull: lambda c: [c.when], MustNotBeNull: lambda c: [c.when], RangeBy: lambda c: [c.by],
                     AtMost: lambda c: [c.other] + ([c.when[0]] if c.when else []),
-                    AtLeast: lambda c: [c.other] + ([c.when[0]] if c.when else [])}[type(c)](c)
+                    AtLeast: lambda c: [c.other] + ([c.when[0]] if c.when else []),
+                    AtMostExpr: lambda c: c.inputs + ([c.when[0]] if c.when else [])}[type(c)](c)
             for name in [c.column] + deps:
                 if name not in order:
                     raise ValueError(f"decode constraint {c}: column {name!r} is not generated")
@@ -209,11 +210,26 @@ class SchemaTokenizer:
             for name in cond:
                 if not isinstance(self.spec[name], Categorical):
                     raise ValueError(f"decode constraint {c}: condition column {name!r} must be categorical")
-            if isinstance(c, (RangeBy, AtMost, AtLeast)) and not isinstance(self.spec[c.column], Numeric):
+            if isinstance(c, (RangeBy, AtMost, AtLeast, AtMostExpr)) and not isinstance(self.spec[c.column], Numeric):
                 raise ValueError(f"decode constraint {c}: {c.column!r} must be numeric")
             if isinstance(c, (AtMost, AtLeast)) and not isinstance(self.spec[c.other], Numeric):
                 raise ValueError(f"decode constraint {c}: {c.other!r} must be numeric")
             self.constraints.setdefault(c.column, []).append(c)
+        self.value_of = {n: {i: v for v, i in ids.items()} for n, ids in self.cat_ids.items()}
+
+    def _decoded_frame(self, names: list[str], state: dict) -> pl.DataFrame:
+        """The values already decoded for columns `names`, one row per batch row (nulls kept)."""
+        cols = []
+        for n in names:
+            col, isnull = self.spec[n], state["isnull"][n].cpu().numpy()
+            if isinstance(col, Categorical):
+                lut = self.value_of[n]
+                vals = [None if z else lut.get(int(i)) for i, z in zip(state["tok"][n].cpu().numpy(), isnull)]
+                cols.append(pl.Series(n, vals, dtype=col.dtype))
+            else:
+                v = state["val"][n].cpu().numpy().astype(np.float64) / col.scale
+                cols.append(pl.Series(n, np.where(isnull, np.nan, v)).fill_nan(None).cast(col.dtype))
+        return pl.DataFrame(cols)
 
     def _ids_of(self, column: str, values) -> torch.Tensor:
         return torch.tensor([self.cat_ids[column][v] for v in values], device=self.device)
@@ -238,6 +254,14 @@ class SchemaTokenizer:
                         lo_t[self.cat_ids[c.by][v]] = round(a * col.scale)
                         hi_t[self.cat_ids[c.by][v]] = round(b * col.scale)
                 lo, hi = torch.maximum(lo, lo_t[ids]), torch.minimum(hi, hi_t[ids])
+            elif isinstance(c, AtMostExpr):
+                b = self._decoded_frame(c.inputs, state).select(c.bound.cast(pl.Float64)).to_series()
+                b = torch.from_numpy(b.fill_null(np.nan).to_numpy().copy()).to(dev)
+                known = ~torch.isnan(b)
+                if c.when:
+                    known = known & torch.isin(state["tok"][c.when[0]], self._ids_of(c.when[0], c.when[1]))
+                cap = torch.floor(torch.nan_to_num(b) * col.scale + 1e-6).to(torch.long)
+                hi = torch.where(known, torch.minimum(hi, cap), hi)
             else:
                 other = self.spec[c.other]
                 v, known = state["val"][c.other], ~state["isnull"][c.other]
