@@ -243,6 +243,39 @@ def test_decode_constraints_are_checked_when_built(finance):
         SchemaTokenizer(finance.spec, cols, [RangeBy("loan_amount", "annual_income", {})])
 
 
+def test_expression_bound_caps_the_column_per_row(finance):
+    """AtMostExpr: interest_gap below the schedule never exceeds the schedule's interest, which the
+    mask computes with the domain's own polars expression; without it, favouring large numbers
+    gives negative paid_interest."""
+    from schemas.constraints import AtMostExpr
+
+    (c,) = [c for c in finance.decode_constraints if isinstance(c, AtMostExpr) and c.when == ("interest_vs_schedule", ("below",))]
+    assert c.inputs == ["interest_rate", "loan_amount", "loan_status", "payments_made", "term"]
+
+    def large(t, g, B):
+        x = torch.randn(B, tok.vocab_size, generator=g) * 3
+        x[:, tok.chunk0 + 90:tok.chunk0 + 100] += 40
+        return x
+
+    def below_with_reference(frame):
+        ref = frame.select(c.bound).to_series()
+        return frame.with_columns(ref=ref).filter(pl.col("interest_vs_schedule") == "below")
+
+    tok = SchemaTokenizer(finance.spec, finance.spec.generated_names, finance.decode_constraints)
+    frame, errors = parse_all(finance, tok.to_texts(_decode_with(tok, large, B=300)))
+    below = below_with_reference(frame)
+    assert errors == [] and below.height > 50
+    assert (below["interest_gap"] <= below["ref"] + 1e-9).all()
+    others = [k for k in finance.decode_constraints if k is not c]
+    tok = SchemaTokenizer(finance.spec, finance.spec.generated_names, others)
+    frame, _ = parse_all(finance, tok.to_texts(_decode_with(tok, large, B=300)))
+    below = below_with_reference(frame)
+    assert (below["interest_gap"] > below["ref"] + 1e-9).any()
+    with pytest.raises(ValueError, match="must be generated before"):
+        SchemaTokenizer(finance.spec, finance.spec.generated_names,
+                        [AtMostExpr("loan_amount", pl.col("interest_gap") * 2)])
+
+
 def test_infeasible_constraints_fall_back_to_the_schema_and_the_rule_rejects(finance):
     from schemas.constraints import AtLeast
 

@@ -149,8 +149,12 @@ DECODE_CONSTRAINTS = [
     AtMost("open_credit_lines", "total_credit_lines"),
     RangeBy("interest_rate", "sub_grade", RATE_BANDS),
     RangeBy("payments_made", "term", {36: (0, 36), 60: (0, 60)}),
-    # paid_interest >= 0: an interest gap below the schedule is at most the schedule's interest
+    # paid_principal <= loan_amount: principal beyond the schedule is at most what the schedule leaves
+    AtMostExpr("principal_extra", pl.col("loan_amount") - _scheduled),
+    # paid_interest in its range: below the schedule by at most the schedule's interest, above it by at
+    # most what the column's upper bound leaves
     AtMostExpr("interest_gap", _scheduled_interest, when=("interest_vs_schedule", ("below",))),
+    AtMostExpr("interest_gap", SPEC["paid_interest"].hi - _scheduled_interest, when=("interest_vs_schedule", ("above",))),
 ]
 
 
