@@ -58,7 +58,8 @@ class Domain:
     # relations the decoder's token mask enforces (schemas/constraints.py); the rules still check them
     decode_constraints: list = field(default_factory=list)
     # records -> the same rows with the spec's latent columns added (schemas/columns.py);
-    # required when the spec has latent columns, and `complete(to_generated(x))` must give x back
+    # required when the spec has latent columns; `complete(to_generated(x))` must give back every
+    # record x that passes the rules (tests/test_latent.py checks this on the real finance splits)
     latents: Callable[[pl.DataFrame], pl.DataFrame] | None = None
 
     def __post_init__(self):
