@@ -139,7 +139,7 @@ def test_min_p_keeps_only_tokens_near_the_most_likely(finance, tok):
 
 def test_decoder_learns_a_tiny_overfit_set(finance, tok):
     dec = tiny_decoder(tok)
-    ids = tok.encode(finance.load_split("train").head(16))
+    ids = tok.encode(finance.to_generated(finance.load_split("train").head(16)))
     opt = torch.optim.Adam(dec.parameters(), lr=1e-2)
     first = None
     for _ in range(40):
@@ -293,7 +293,7 @@ def test_encoder_split_is_exact_trains_lora_only_and_round_trips(finance, tmp_pa
 
     torch.manual_seed(0)
     enc = RecordEncoder(EncoderConfig(lora_layers=1, latent_dim=6, max_length=64)).eval()
-    rows = finance.load_split("val").head(4).iter_rows(named=True)
+    rows = finance.to_generated(finance.load_split("val").head(4)).iter_rows(named=True)
     texts = [values_text(r, finance.spec, finance.spec.generated_names) for r in rows]
     hidden, mask = enc.encode_frozen(texts)
     # cached bottom layers + top layer == the whole encoder (LoRA B starts at 0)
