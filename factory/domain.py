@@ -61,6 +61,11 @@ class Domain:
     # required when the spec has latent columns; `complete(to_generated(x))` must give back every
     # record x that passes the rules (tests/test_latent.py checks this on the real finance splits)
     latents: Callable[[pl.DataFrame], pl.DataFrame] | None = None
+    # {derived column: its train-split maximum} -> decode constraints that keep each derived
+    # column at or below that maximum (optional; the train-max caps of the DiffLM sampler,
+    # factory/difflm/pipeline.observed_max_constraints, cap generated columns directly but can
+    # reach a derived one only through this)
+    derived_caps: Callable[[dict], list] | None = None
 
     def __post_init__(self):
         if self.spec.latent and self.latents is None:

@@ -74,4 +74,10 @@ class AtMostExpr:
         return sorted(set(self.bound.meta.root_names()))
 
 
-DecodeConstraint = MustBeNull | MustNotBeNull | RangeBy | AtMost | AtLeast | AtMostExpr
+@dataclass(frozen=True)
+class AtLeastExpr(AtMostExpr):
+    """Numeric `column` >= `bound` (same inputs and `when` as AtMostExpr). Never empties a row's
+    range: where the other bounds leave less than `bound`, the column is held at its upper bound."""
+
+
+DecodeConstraint = MustBeNull | MustNotBeNull | RangeBy | AtMost | AtLeast | AtMostExpr | AtLeastExpr

@@ -276,6 +276,48 @@ def test_expression_bound_caps_the_column_per_row(finance):
                         [AtMostExpr("loan_amount", pl.col("interest_gap") * 2)])
 
 
+def test_derived_caps_keep_paid_interest_at_its_train_max(finance):
+    """The finance `derived_caps` hook turns a paid_interest maximum into bounds on the latents:
+    payments_made at most the last count whose scheduled interest is within the max; interest_gap
+    below the schedule at least (schedule - max) via AtLeastExpr, above it at most (max - schedule).
+    With small gaps favoured, a long schedule at a high rate then still stays at or under the cap,
+    and without the hook it does not."""
+    from schemas.constraints import AtLeastExpr
+
+    cap = 2000.0
+    extra = finance.derived_caps({"paid_interest": cap})
+    assert [(type(c).__name__, c.column) for c in extra] == [
+        ("AtMostExpr", "payments_made"), ("AtMostExpr", "interest_gap"), ("AtLeastExpr", "interest_gap")]
+
+    def decode(constraints):
+        tok = SchemaTokenizer(finance.spec, finance.spec.generated_names, constraints)
+
+        def small_gap_long_schedule(t, g, B):
+            x = torch.randn(B, tok.vocab_size, generator=g) * 3
+            s = tok.slots[t]
+            if s.column == "interest_gap":
+                x[:, tok.chunk0:tok.chunk0 + 2] += 40  # every digit chunk near 0
+            elif s.column == "payments_made":
+                x[:, tok.chunk0 + 30:tok.chunk0 + 36] += 40  # 30-35 payments
+            return x
+
+        frame, errors = parse_all(finance, tok.to_texts(_decode_with(tok, small_gap_long_schedule, B=300)))
+        assert errors == []
+        return frame.with_columns(si=extra[2].bound + cap)  # the schedule's interest, same expression
+
+    uncapped = decode(finance.decode_constraints)
+    assert finance.derive(uncapped)["paid_interest"].max() > cap  # without the hook the schedule goes past the cap
+    gaps_only = decode(finance.decode_constraints + extra[1:])  # the AtLeastExpr floor alone
+    below = gaps_only.filter(pl.col("interest_vs_schedule") == "below")
+    assert below.filter(pl.col("si") > cap).height > 10  # schedules past the cap, pulled back by the floor
+    assert finance.derive(below)["paid_interest"].max() <= cap + 1e-6
+    capped = decode(finance.decode_constraints + extra)
+    # and payments_made stops where the schedule's interest would pass the cap, so above it too
+    assert (capped.filter(pl.col("loan_status") != "Fully Paid")["si"] <= cap + 1e-6).all()
+    assert finance.derive(capped)["paid_interest"].max() <= cap + 1e-6
+    assert isinstance(extra[2], AtLeastExpr) and extra[2].inputs == extra[1].inputs
+
+
 def test_infeasible_constraints_fall_back_to_the_schema_and_the_rule_rejects(finance):
     from schemas.constraints import AtLeast
 

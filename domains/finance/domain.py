@@ -4,7 +4,7 @@ from pathlib import Path
 from factory.domain import Domain, load_config
 
 from . import data
-from .schema import DECODE_CONSTRAINTS, RULES, SPEC, derive, latents
+from .schema import DECODE_CONSTRAINTS, RULES, SPEC, derive, derived_caps, latents
 
 HERE = Path(__file__).parent
 
@@ -19,4 +19,5 @@ DOMAIN = Domain(
     config=load_config(HERE),
     decode_constraints=DECODE_CONSTRAINTS,
     latents=latents,
+    derived_caps=derived_caps,
 )

@@ -14,7 +14,7 @@ import polars as pl
 from factory.rules import Rule
 from schemas.checks import amortized_installment, scheduled_principal, within
 from schemas.columns import Categorical, Numeric, TableSpec
-from schemas.constraints import AtLeast, AtMost, AtMostExpr, MustBeNull, MustNotBeNull, RangeBy
+from schemas.constraints import AtLeast, AtLeastExpr, AtMost, AtMostExpr, MustBeNull, MustNotBeNull, RangeBy
 
 HERE = Path(__file__).parent
 
@@ -156,6 +156,28 @@ DECODE_CONSTRAINTS = [
     AtMostExpr("interest_gap", _scheduled_interest, when=("interest_vs_schedule", ("below",))),
     AtMostExpr("interest_gap", SPEC["paid_interest"].hi - _scheduled_interest, when=("interest_vs_schedule", ("above",))),
 ]
+
+
+def derived_caps(maxima: dict) -> list:
+    """The sampler's train-max cap for paid_interest, which the model writes as a gap to the
+    schedule's interest: above the schedule, the gap is at most what the train maximum leaves;
+    below it, at least the schedule's excess over that maximum (a long schedule at a high rate can
+    accrue more interest than any real loan paid)."""
+    m = maxima.get("paid_interest")
+    if m is None:
+        return []
+    # payments_made at most the last k whose scheduled interest stays within the maximum (the
+    # schedule's interest grows with k), so that "above the schedule" stays feasible too
+    def interest_after(k: int) -> pl.Expr:
+        return k * _amort.round(2) - scheduled_principal(pl.col("loan_amount"), pl.col("interest_rate"),
+                                                         pl.col("term"), pl.lit(k))
+    k_max = pl.sum_horizontal([((pl.col("term") >= k) & (interest_after(k) <= m)).cast(pl.Int32)
+                               for k in range(1, MAX_PAYMENTS + 1)])
+    unsettled_schedule = tuple(v for v in LOAN_STATUS if v != "Fully Paid")  # Fully Paid: reference 0
+    return [AtMostExpr("payments_made", k_max, when=("loan_status", unsettled_schedule)),
+            AtMostExpr("interest_gap", (m - _scheduled_interest).clip(lower_bound=0),
+                       when=("interest_vs_schedule", ("above",))),
+            AtLeastExpr("interest_gap", _scheduled_interest - m, when=("interest_vs_schedule", ("below",)))]
 
 
 

@@ -47,7 +47,9 @@ def observed_max_constraints(domain, constraints=()) -> list:
     records, seed 0) dropping the 125 rows above a train max lifts pair trends 0.846 -> 0.925, and
     capping at decode time gives 0.918-0.922 over seeds 0-2 at equal shapes (issue #6).
     A column that must be at least another (`AtLeast`) gets the larger of both caps, so the
-    constraints stay feasible.
+    constraints stay feasible. Derived columns are capped through the domain's `derived_caps`
+    hook, if it has one (finance: paid_interest, derived from a latent gap to the schedule, went
+    up to 8,666 without it, and 10k-record pair trends fell 0.918 -> 0.894).
     """
     from schemas.columns import Categorical, Numeric
     from schemas.constraints import AtLeast, RangeBy
@@ -63,7 +65,13 @@ def observed_max_constraints(domain, constraints=()) -> list:
         if isinstance(c, AtLeast) and c.column in caps and caps.get(c.other) is not None:
             caps[c.column] = max(caps[c.column], caps[c.other])
     values = spec[by].values
-    return [RangeBy(n, by, {v: (spec[n].lo, float(m)) for v in values}) for n, m in caps.items() if m is not None]
+    out = [RangeBy(n, by, {v: (spec[n].lo, float(m)) for v in values}) for n, m in caps.items() if m is not None]
+    if domain.derived_caps is not None:
+        full = domain.load_split("train")
+        derived = {c.name: float(full[c.name].max()) for c in spec.columns
+                   if isinstance(c, Numeric) and c.derived and full[c.name].null_count() < full.height}
+        out += list(domain.derived_caps(derived))
+    return out
 
 
 # min-p sampling (drop tokens below min_p x the step's most likely one), after the schema mask

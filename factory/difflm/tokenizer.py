@@ -22,7 +22,7 @@ import polars as pl
 import torch
 
 from schemas.columns import Categorical, Numeric, TableSpec
-from schemas.constraints import AtLeast, AtMost, AtMostExpr, MustBeNull, MustNotBeNull, RangeBy
+from schemas.constraints import AtLeast, AtLeastExpr, AtMost, AtMostExpr, MustBeNull, MustNotBeNull, RangeBy
 
 PAD, BOS, NULL = 0, 1, 2
 N_SPECIAL = 3
@@ -198,7 +198,8 @@ class SchemaTokenizer:
             deps = {MustBeNull: lambda c: [c.when], MustNotBeNull: lambda c: [c.when], RangeBy: lambda c: [c.by],
                     AtMost: lambda c: [c.other] + ([c.when[0]] if c.when else []),
                     AtLeast: lambda c: [c.other] + ([c.when[0]] if c.when else []),
-                    AtMostExpr: lambda c: c.inputs + ([c.when[0]] if c.when else [])}[type(c)](c)
+                    AtMostExpr: lambda c: c.inputs + ([c.when[0]] if c.when else []),
+                    AtLeastExpr: lambda c: c.inputs + ([c.when[0]] if c.when else [])}[type(c)](c)
             for name in [c.column] + deps:
                 if name not in order:
                     raise ValueError(f"decode constraint {c}: column {name!r} is not generated")
@@ -241,6 +242,7 @@ class SchemaTokenizer:
         lo = torch.full((B,), col.int_lo if numeric else 0, dtype=torch.long, device=dev)
         hi = torch.full((B,), col.int_hi if numeric else 0, dtype=torch.long, device=dev)
         force = torch.zeros(B, dtype=torch.int8, device=dev)  # 1 = must be null, 2 = must not be null
+        floors = []
         for c in self.constraints.get(name, ()):
             if isinstance(c, (MustBeNull, MustNotBeNull)):
                 hit = torch.isin(state["tok"][c.when], self._ids_of(c.when, c.values))
@@ -260,6 +262,9 @@ class SchemaTokenizer:
                 known = ~torch.isnan(b)
                 if c.when:
                     known = known & torch.isin(state["tok"][c.when[0]], self._ids_of(c.when[0], c.when[1]))
+                if isinstance(c, AtLeastExpr):  # applied after every upper bound (below)
+                    floors.append((known, torch.ceil(torch.nan_to_num(b) * col.scale - 1e-6).to(torch.long)))
+                    continue
                 cap = torch.floor(torch.nan_to_num(b) * col.scale + 1e-6).to(torch.long)
                 hi = torch.where(known, torch.minimum(hi, cap), hi)
             else:
@@ -271,6 +276,8 @@ class SchemaTokenizer:
                     hi = torch.where(known, torch.minimum(hi, v * col.scale // other.scale), hi)
                 else:
                     lo = torch.where(known, torch.maximum(lo, -((-v * col.scale) // other.scale)), lo)
+        for known, floor in floors:  # a lower bound beyond the upper one holds the column at the upper one
+            lo = torch.where(known, torch.maximum(lo, torch.minimum(floor, hi)), lo)
         return lo, hi, force
 
     def init_state(self, batch: int) -> dict:
