@@ -43,7 +43,7 @@ def observed_max_constraints(domain, constraints=()) -> list:
 
     Why: a handful of decodes per 10,000 put mass on an impossible leading digit chunk
     (paid_interest 90,009 on a 9,000 loan; train max 4,206). Such rows pass every rule but wreck
-    Pearson correlations and SDMetrics' equal-width binning: on the shipped finance stack (10k
+    Pearson correlations and SDMetrics' equal-width binning: on the previous finance stack (10k
     records, seed 0) dropping the 125 rows above a train max lifts pair trends 0.846 -> 0.925, and
     capping at decode time gives 0.918-0.922 over seeds 0-2 at equal shapes (issue #6).
     A column that must be at least another (`AtLeast`) gets the larger of both caps, so the
@@ -75,7 +75,7 @@ def observed_max_constraints(domain, constraints=()) -> list:
 
 
 # min-p sampling (drop tokens below min_p x the step's most likely one), after the schema mask
-# and the train-max caps. Off by default. Measured on the shipped finance stack (same machine,
+# and the train-max caps. Off by default. Measured on the previous finance stack (same machine,
 # same day): min_p 0.01 lifts 10k-record pair trends 0.918 -> 0.936 (seed 7) / 0.920 -> 0.939
 # (seed 0) with shapes, MLE and DCR unchanged within noise, but it sharpens the marginals: at
 # 100k records the median of paid_principal moves 0.0205-0.0235 probability units from the
@@ -151,7 +151,7 @@ class DiffLMGenerator:
         if self.latent == "prior":  # DiffLM's ablation: z ~ N(0, I) in the VAE's latent space
             return torch.randn(n, self.den.cfg.latent_dim, generator=g, device=self.device)
         # bf16 here is 3.5x faster; its samples stay within L2 0.011 of float32 ones, 10x
-        # closer than 25 sampler steps are to 50 (measured on the shipped finance stack)
+        # closer than 25 sampler steps are to 50 (measured on the previous finance stack)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.dec.precision == "bfloat16"):
             x = self.sampler.sample(self.den, n, g).float()
         return x * self.stats["std"] + self.stats["mean"]
