@@ -127,12 +127,22 @@ RULES = [
 ]
 
 
-_scheduled = scheduled_principal(pl.col("loan_amount"), pl.col("interest_rate"), pl.col("term"), pl.col("payments_made"))
-# The reference for paid_interest: the schedule's interest after payments_made payments (payments
-# minus principal, at the derived installment). 0 for a Fully Paid loan: it was repaid early, after
-# an unknown number of payments, so its interest is written as is.
+def _principal_after(k: pl.Expr) -> pl.Expr:
+    """The schedule's principal after k payments."""
+    return scheduled_principal(pl.col("loan_amount"), pl.col("interest_rate"), pl.col("term"), k)
+
+
+def _interest_after(k: pl.Expr) -> pl.Expr:
+    """The schedule's interest after k payments: payments minus principal, at the derived installment."""
+    return (k.cast(pl.Float64) * _amort.round(2) - _principal_after(k)).round(2)
+
+
+_scheduled = _principal_after(pl.col("payments_made"))
+# The reference for paid_interest: the schedule's interest after payments_made payments. 0 for a
+# Fully Paid loan: it was repaid early, after an unknown number of payments, so its interest is
+# written as is.
 _scheduled_interest = (pl.when(pl.col("loan_status") == "Fully Paid").then(0.0)
-                       .otherwise(pl.col("payments_made").cast(pl.Float64) * _amort.round(2) - _scheduled).round(2))
+                       .otherwise(_interest_after(pl.col("payments_made"))))
 MAX_PAYMENTS = 60
 
 # What schema-guided decoding enforces while a record is written (each mirrors a rule
@@ -168,10 +178,7 @@ def derived_caps(maxima: dict) -> list:
         return []
     # payments_made at most the last k whose scheduled interest stays within the maximum (the
     # schedule's interest grows with k), so that "above the schedule" stays feasible too
-    def interest_after(k: int) -> pl.Expr:
-        return k * _amort.round(2) - scheduled_principal(pl.col("loan_amount"), pl.col("interest_rate"),
-                                                         pl.col("term"), pl.lit(k))
-    k_max = pl.sum_horizontal([((pl.col("term") >= k) & (interest_after(k) <= m)).cast(pl.Int32)
+    k_max = pl.sum_horizontal([((pl.col("term") >= k) & (_interest_after(pl.lit(k)) <= m)).cast(pl.Int32)
                                for k in range(1, MAX_PAYMENTS + 1)])
     unsettled_schedule = tuple(v for v in LOAN_STATUS if v != "Fully Paid")  # Fully Paid: reference 0
     return [AtMostExpr("payments_made", k_max, when=("loan_status", unsettled_schedule)),

@@ -58,7 +58,8 @@ def observed_max_constraints(domain, constraints=()) -> list:
     by = next((n for n in names if isinstance(spec[n], Categorical)), None)
     if by is None:
         return []
-    train = domain.to_generated(domain.load_split("train"))
+    records = domain.load_split("train")
+    train = domain.to_generated(records)
     caps = {n: train[n].max() for n in names[names.index(by) + 1:]
             if isinstance(spec[n], Numeric) and train[n].null_count() < train.height}
     for c in constraints:
@@ -67,9 +68,8 @@ def observed_max_constraints(domain, constraints=()) -> list:
     values = spec[by].values
     out = [RangeBy(n, by, {v: (spec[n].lo, float(m)) for v in values}) for n, m in caps.items() if m is not None]
     if domain.derived_caps is not None:
-        full = domain.load_split("train")
-        derived = {c.name: float(full[c.name].max()) for c in spec.columns
-                   if isinstance(c, Numeric) and c.derived and full[c.name].null_count() < full.height}
+        derived = {c.name: float(records[c.name].max()) for c in spec.columns
+                   if isinstance(c, Numeric) and c.derived and records[c.name].null_count() < records.height}
         out += list(domain.derived_caps(derived))
     return out
 

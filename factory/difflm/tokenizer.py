@@ -198,8 +198,8 @@ class SchemaTokenizer:
             deps = {MustBeNull: lambda c: [c.when], MustNotBeNull: lambda c: [c.when], RangeBy: lambda c: [c.by],
                     AtMost: lambda c: [c.other] + ([c.when[0]] if c.when else []),
                     AtLeast: lambda c: [c.other] + ([c.when[0]] if c.when else []),
-                    AtMostExpr: lambda c: c.inputs + ([c.when[0]] if c.when else []),
-                    AtLeastExpr: lambda c: c.inputs + ([c.when[0]] if c.when else [])}[type(c)](c)
+                    AtMostExpr: lambda c: c.inputs + ([c.when[0]] if c.when else []),  # and AtLeastExpr
+                    }[AtMostExpr if isinstance(c, AtMostExpr) else type(c)](c)
             for name in [c.column] + deps:
                 if name not in order:
                     raise ValueError(f"decode constraint {c}: column {name!r} is not generated")
