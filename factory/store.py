@@ -33,6 +33,10 @@ DDL_PATH = Path(__file__).resolve().parent.parent / "schemas" / "ddl.sql"
 RESERVED_SCHEMAS = {"main", "temp", "information_schema", "pg_catalog", "system", "memory"}
 _IDENT = re.compile(r"[a-z_][a-z0-9_]*\Z")
 WRITER_LOCK_TIMEOUT, READER_LOCK_TIMEOUT = 120.0, 30.0
+# The storage format a new database file is written in. DuckDB 2.x writes format 69 by default, which
+# the DuckDB CLI users install (duckdb-cli 1.5.x, the current stable) cannot read ("can only read
+# versions between 64 and 68"). Files created with this setting open in both (tests/test_duckdb_cli.py).
+STORAGE_COMPATIBILITY = "v1.5.0"
 # An attempt is identified by (shard, attempt_id); run-level rows (stage 'distribution') have none.
 # Use as count(DISTINCT ATTEMPT_KEY) to count attempts, not rejection rows.
 ATTEMPT_KEY = "CASE WHEN attempt_id IS NOT NULL THEN (shard, attempt_id) END"
@@ -98,7 +102,8 @@ class Store:
                 raise StoreError(f"cannot create database {p}: directory {p.parent} does not exist")
         # Read-only sessions (`factory sql`) also get no file-system access: a query can
         # read the store, but not COPY it elsewhere, ATTACH another file or read local files.
-        self._config = {"enable_external_access": False} if read_only else {}
+        self._config = {"enable_external_access": False} if read_only else {
+            "storage_compatibility_version": STORAGE_COMPATIBILITY}
         default = READER_LOCK_TIMEOUT if read_only else WRITER_LOCK_TIMEOUT
         if lock_timeout is None:
             try:

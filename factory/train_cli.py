@@ -45,7 +45,9 @@ def train(domain: str, config: Path | None, out: Path | None, resume: bool, db: 
     con = None
     train_id = f"train-{uuid.uuid4().hex[:12]}"
     if db is not None:
-        con = duckdb.connect(str(db))
+        from factory.store import STORAGE_COMPATIBILITY
+
+        con = duckdb.connect(str(db), config={"storage_compatibility_version": STORAGE_COMPATIBILITY})
         con.execute(TRAIN_DDL)
         con.execute("INSERT INTO train_runs VALUES (?, ?, ?, ?, ?, NULL, 'running', NULL)",
                     [train_id, domain, str(out), json.dumps(cfg_dict), _now()])
