@@ -25,9 +25,15 @@ def cli(*args, cwd):
 
 
 def run_row(db):
+    """The runs table's rows; none while the killed process had not yet created the file or its tables
+    (on a loaded machine start-up can outlast the first sleep)."""
+    if not Path(db).exists():
+        return []
     con = duckdb.connect(str(db), read_only=True)
     try:
         return con.execute("SELECT run_id, status, attempted, accepted, rejected FROM runs").fetchall()
+    except duckdb.CatalogException:
+        return []
     finally:
         con.close()
 
