@@ -47,6 +47,29 @@ INT64_MAX = 2**63 - 1
 ALLOW_DRIFT = typer.Option(False, "--allow-drift",
                            help="export even if the distribution gate failed (the manifest records the override)")
 DB_OPTION = typer.Option(Path("factory.duckdb"), "--db", help="DuckDB file holding runs, records and rejections")
+FORMATS = ("table", "csv", "json")
+def _check_format(value: str) -> str:
+    if value not in FORMATS:
+        fail(f"--format must be one of {', '.join(FORMATS)}, got {value!r}")
+    return value
+
+
+FORMAT_OPTION = typer.Option("table", "--format", metavar="[table|csv|json]", callback=_check_format,
+                             help="table: for reading; csv or json (one object per row): for scripts")
+
+
+def _version(value: bool):
+    if value:
+        from factory import __version__
+
+        out.print(f"factory {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                      help="print the version and exit")):
+    """Generate validated synthetic records, and inspect everything in DuckDB."""
 
 
 def fail(message: str, code: int = 2):
@@ -71,7 +94,15 @@ def user_errors(fn):
 
 
 def print_frame(df: pl.DataFrame, title: str | None = None, max_rows: int | None = None,
-                no_wrap: tuple[str, ...] = ()) -> None:
+                no_wrap: tuple[str, ...] = (), fmt: str = "table") -> None:
+    """Print a frame as a rich table, or (fmt csv/json) as machine-readable text on stdout: all rows
+    up to `max_rows`, no title, numbers unformatted."""
+    if fmt != "table":
+        shown = df if max_rows is None else df.head(max_rows)
+        text = shown.write_csv() if fmt == "csv" else shown.write_ndjson()
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        return
     table = Table(title=title, box=box.SIMPLE_HEAD)
     for name in df.columns:
         table.add_column(name, overflow="fold", no_wrap=name in no_wrap)
@@ -122,9 +153,10 @@ def validate(file: Path = typer.Argument(..., help="CSV or Parquet file with the
 @user_errors
 def generate(
     domain: Optional[str] = typer.Option(None, "--domain", "-d", help="domain to generate"),
-    n: Optional[int] = typer.Option(None, "-n", help="number of valid records to produce"),
+    n: Optional[int] = typer.Option(None, "-n", "--n", "--rows", help="number of valid records to produce"),
     seed: int = typer.Option(0, "--seed", help="run seed; same seed, model and batch size give the same records"),
-    model: Optional[str] = typer.Option(None, "--model", help=f"one of {', '.join(GENERATORS)}; default: the domain's"),
+    model: Optional[str] = typer.Option(None, "--model", metavar=f"[{'|'.join(GENERATORS)}]",
+                                        help="the generator; default: the domain's"),
     db: Path = DB_OPTION,
     out_path: Optional[Path] = typer.Option(None, "--out", help="export accepted records to .parquet or .csv"),
     force: bool = typer.Option(False, "--force", help="overwrite --out if it exists"),
@@ -137,12 +169,13 @@ def generate(
     shards: Optional[int] = typer.Option(None, "--shards", help="split the run into this many shards, each with "
                                          "its own seeds; same seed and shards give the same records on any engine "
                                          "(default: 1 with --engine local, 4 per worker with --engine ray)"),
-    engine: str = typer.Option("local", "--engine", help="local: this process; ray: a Ray cluster (pip install "
+    engine: str = typer.Option("local", "--engine", metavar=f"[{'|'.join(ENGINES)}]", help="local: this process; ray: a Ray cluster (pip install "
                                "'factory\\[ray]')"),
     address: Optional[str] = typer.Option(None, "--address", help="ray: an existing cluster (e.g. ray://head:10001 "
                                           "or auto); default: start a local cluster for this run"),
     workers: int = typer.Option(2, "--workers", help="ray: worker processes (one CPU and one model each)"),
-    device: str = typer.Option("cpu", "--device", help="difflm: cpu, cuda or auto (cuda if torch sees a GPU); "
+    device: str = typer.Option("cpu", "--device", metavar="[cpu|cuda|auto]",
+                               help="difflm: cpu, cuda or auto (cuda if torch sees a GPU); "
                                "records depend on the device, so the run records it"),
 ):
     """Generate N records that pass every rule, record the run in DuckDB, optionally export them.
@@ -355,17 +388,20 @@ def export_cmd(run_id: str = typer.Argument(..., help="run id (see `factory runs
 @app.command()
 @user_errors
 def checks(run_id: str = typer.Argument(..., help="run id (see `factory runs`)"),
-           db: Path = DB_OPTION):
+           db: Path = DB_OPTION, fmt: str = FORMAT_OPTION):
     """A run's distribution-gate checks: statistic, threshold, outcome (failed first)."""
     with Store(db, read_only=True) as store:
         run = store.run(run_id)
         df = store.checks(run_id)
+    if fmt != "table":
+        print_frame(df, fmt=fmt)
+        return
     out.print(f"run {run_id}: gate {run['gate'] or 'not run'}, status {run['status']}")
     if not df.height:
         return
-    fmt = lambda v: None if v is None else f"{v:.4g}"  # noqa: E731
-    df = df.with_columns(pl.col("statistic").map_elements(fmt, return_dtype=pl.String),
-                         pl.col("threshold").map_elements(fmt, return_dtype=pl.String))
+    g = lambda v: None if v is None else f"{v:.4g}"  # noqa: E731
+    df = df.with_columns(pl.col("statistic").map_elements(g, return_dtype=pl.String),
+                         pl.col("threshold").map_elements(g, return_dtype=pl.String))
     print_frame(df.select(pl.col("check_name").alias("check"), pl.col("column_names").alias("columns"),
                           "statistic", pl.col("direction").alias("must be"), "threshold", "status", "detail"),
                 no_wrap=("check",))
@@ -373,10 +409,13 @@ def checks(run_id: str = typer.Argument(..., help="run id (see `factory runs`)")
 
 @app.command()
 @user_errors
-def runs(db: Path = DB_OPTION):
+def runs(db: Path = DB_OPTION, fmt: str = FORMAT_OPTION):
     """List the runs in a database."""
     with Store(db, read_only=True) as store:
         df = store.runs()
+    if fmt != "table":
+        print_frame(df, fmt=fmt)
+        return
     if not df.height:
         out.print(f"no runs in {db}")
         return
@@ -393,8 +432,10 @@ def runs(db: Path = DB_OPTION):
 @user_errors
 def rejections(run_id: str = typer.Argument(..., help="run id (see `factory runs`)"),
                db: Path = DB_OPTION,
-               examples: int = typer.Option(3, "--examples", help="example raw texts to show")):
-    """Why a run's attempts were rejected: counts by stage and rule, with example texts."""
+               examples: int = typer.Option(3, "--examples", help="example raw texts to show"),
+               fmt: str = FORMAT_OPTION):
+    """Why a run's attempts were rejected: counts by stage and rule, with example texts
+    (csv/json: the counts only)."""
     if examples < 0:
         fail(f"--examples must be >= 0, got {examples}")
     with Store(db, read_only=True) as store:
@@ -406,6 +447,9 @@ def rejections(run_id: str = typer.Argument(..., help="run id (see `factory runs
             "GROUP BY rule ORDER BY count(*) DESC, rule LIMIT ?) "
             "QUALIFY row_number() OVER (PARTITION BY rule ORDER BY shard, attempt_id) = 1 ORDER BY shard, attempt_id",
             [run_id, run_id, examples])
+    if fmt != "table":
+        print_frame(counts, fmt=fmt)
+        return
     out.print(f"run {run_id}: {run['rejected']:,} of {run['attempted']:,} attempts rejected "
               f"(a rejected attempt can break several rules)")
     if counts.height:
@@ -420,13 +464,14 @@ def rejections(run_id: str = typer.Argument(..., help="run id (see `factory runs
 @user_errors
 def sql(query: str = typer.Argument(..., help="SQL to run (read-only)"),
         db: Path = DB_OPTION,
-        max_rows: int = typer.Option(100, "--max-rows", help="rows to print")):
+        max_rows: int = typer.Option(100, "--max-rows", help="rows to print"),
+        fmt: str = FORMAT_OPTION):
     """Run a read-only SQL query on the database and print the result."""
     if max_rows < 0:
         fail(f"--max-rows must be >= 0, got {max_rows}")
     with Store(db, read_only=True) as store:
         df = store.query(query)
-    print_frame(df, max_rows=max_rows)
+    print_frame(df, max_rows=max_rows, fmt=fmt)
 
 
 # `factory train` lives in its own module (it needs torch); register it when present.
