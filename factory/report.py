@@ -29,6 +29,15 @@ from factory.inputs import InputError
 from schemas.columns import Numeric
 
 MAX_CATEGORIES = 15  # bars per categorical plot; the rest are summed as "other"
+# Plots are drawn at 72 dpi, where a point is a pixel, and no wider than MAX_PLOT_PX, so that at an
+# 800 px wide window they are shown unscaled: tick labels TICK_PT (>= 10 px), titles TITLE_PT.
+TICK_PT, TITLE_PT, MAX_PLOT_PX = 10, 12, 760
+MAX_LABEL = 18  # characters of a category label on an axis
+
+
+def _label(v, most: int = MAX_LABEL) -> str:
+    t = str(v)
+    return t if len(t) <= most else t[:most - 1] + "…"
 
 
 def _png(fig) -> str:
@@ -43,7 +52,7 @@ def _png(fig) -> str:
 def _column_plot(col, real: pl.Series, synth: pl.Series) -> str:
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(3.6, 2.4))
+    fig, ax = plt.subplots(figsize=(5.0, 3.4))
     if isinstance(col, Numeric):
         r, s = real.drop_nulls().to_numpy().astype(float), synth.drop_nulls().to_numpy().astype(float)
         both = np.concatenate([r, s]) if len(s) else r
@@ -51,6 +60,9 @@ def _column_plot(col, real: pl.Series, synth: pl.Series) -> str:
         bins = np.linspace(lo, hi if hi > lo else lo + 1, 30)
         ax.hist(np.clip(r, lo, hi), bins=bins, density=True, alpha=0.55, label="real test")
         ax.hist(np.clip(s, lo, hi), bins=bins, density=True, alpha=0.55, label="synthetic")
+        ax.set_xlabel(f"{col.name} (1st-99th percentile)", fontsize=TICK_PT)
+        ax.set_ylabel("density", fontsize=TICK_PT)
+        ax.xaxis.set_major_locator(plt.MaxNLocator(5))
     else:
         rs = real.cast(pl.String).fill_null("null").value_counts(normalize=True, name="share")
         ss = synth.cast(pl.String).fill_null("null").value_counts(normalize=True, name="share")
@@ -59,10 +71,15 @@ def _column_plot(col, real: pl.Series, synth: pl.Series) -> str:
         x = np.arange(len(cats))
         ax.bar(x - 0.2, [get(rs, c) for c in cats], 0.4, label="real test")
         ax.bar(x + 0.2, [get(ss, c) for c in cats], 0.4, label="synthetic")
-        ax.set_xticks(x, cats, rotation=60, fontsize=6, ha="right")
-    ax.set_title(col.name, fontsize=9)
-    ax.tick_params(labelsize=6)
-    ax.legend(fontsize=6)
+        tilt = len(cats) > 4 or sum(len(_label(c)) for c in cats) > 24  # labels that would touch
+        ax.set_xticks(x, [_label(c) for c in cats], rotation=60 if tilt else 0, ha="right" if tilt else "center",
+                      fontsize=TICK_PT)
+        shown = "" if rs.height <= MAX_CATEGORIES else f" ({MAX_CATEGORIES} most common of {rs.height})"
+        ax.set_xlabel(f"{col.name}{shown}", fontsize=TICK_PT)
+        ax.set_ylabel("share of rows", fontsize=TICK_PT)
+    ax.set_title(col.name, fontsize=TITLE_PT)
+    ax.tick_params(labelsize=TICK_PT)
+    ax.legend(fontsize=TICK_PT)
     return _png(fig)
 
 
@@ -78,36 +95,44 @@ def _heatmaps(spec, real: pl.DataFrame, synth: pl.DataFrame) -> str:
     import matplotlib.pyplot as plt
 
     names = [c.name for c in spec.columns if isinstance(c, Numeric)]
+    if len(names) < 2:
+        return "<p>fewer than two numeric columns: no correlation matrix</p>"
     cr, cs = _spearman(real, names), _spearman(synth, names)
-    fig, axes = plt.subplots(1, 3, figsize=(18, 5.2))
-    fig.subplots_adjust(wspace=0.55)
-    for ax, m, title, cmap, lim in ((axes[0], cr, "real test", "coolwarm", 1), (axes[1], cs, "synthetic", "coolwarm", 1),
-                                    (axes[2], cs - cr, "synthetic - real", "PiYG", 0.5)):
+    side = min(MAX_PLOT_PX / 72 - 3.2, 2.5 + 0.22 * len(names))  # inches of matrix; labels stay TICK_PT
+    figs = []
+    for m, title, cmap, lim in ((cr, "real test", "coolwarm", 1), (cs, "synthetic", "coolwarm", 1),
+                                (cs - cr, "synthetic - real", "PiYG", 0.5)):
+        fig, ax = plt.subplots(figsize=(side + 1.2, side))
         im = ax.imshow(m, cmap=cmap, vmin=-lim, vmax=lim)
-        ax.set_xticks(range(len(names)), names, rotation=90, fontsize=6)
-        ax.set_yticks(range(len(names)), names, fontsize=6)
-        ax.set_title(f"Spearman correlation: {title}", fontsize=9)
-        fig.colorbar(im, ax=ax, fraction=0.046)
-    return _png(fig)
+        ax.set_xticks(range(len(names)), [_label(n) for n in names], rotation=90, fontsize=TICK_PT)
+        ax.set_yticks(range(len(names)), [_label(n) for n in names], fontsize=TICK_PT)
+        ax.set_title(f"Spearman correlation: {title}", fontsize=TITLE_PT)
+        cb = fig.colorbar(im, ax=ax, fraction=0.046)
+        cb.ax.tick_params(labelsize=TICK_PT)
+        figs.append(_png(fig))
+    return "".join(figs)
 
 
 def _rejection_plot(counts: pl.DataFrame) -> str:
     import matplotlib.pyplot as plt
 
     top = counts.head(15)
-    fig, ax = plt.subplots(figsize=(7, 0.3 * max(3, top.height) + 0.8))
-    labels = [f"{s}/{r}" for s, r in zip(top["stage"], top["rule"])]
+    fig, ax = plt.subplots(figsize=(6.0, 0.35 * max(3, top.height) + 1.0))
+    labels = [_label(f"{s}/{r}", 34) for s, r in zip(top["stage"], top["rule"])]
     ax.barh(labels[::-1], top["attempts"].to_list()[::-1])
-    ax.set_xlabel("rejected attempts", fontsize=8)
-    ax.tick_params(labelsize=7)
+    ax.set_xlabel("rejected attempts", fontsize=TICK_PT)
+    ax.tick_params(labelsize=TICK_PT)
     return _png(fig)
 
 
-def _table(rows: list[dict], columns: list[str]) -> str:
+def _table(rows: list[dict], columns: list[str], row_class=None) -> str:
+    """An HTML table in a box that scrolls sideways on a narrow window; `row_class(row)`: a CSS class or None."""
     head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(r.get(c)))}</td>" for c in columns) + "</tr>"
-                   for r in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
+    body = "".join(
+        (f'<tr class="{row_class(r)}">' if row_class and row_class(r) else "<tr>")
+        + "".join(f"<td>{html.escape(_fmt(r.get(c)))}</td>" for c in columns) + "</tr>" for r in rows)
+    return f'<div class="scroll"><table><tr>{head}</tr>{body}</table></div>'
+
 
 
 def _fmt(v) -> str:
@@ -119,10 +144,9 @@ def _fmt(v) -> str:
 
 
 COMPARE_HINT = "factory report RUN_ID --compare reports/benchmarks/peers.json"
-# Bars of the comparison chart: (label, key of _scores).
+# Bars of the comparison chart: (label, key of _scores); the domain's MLE ratios follow these.
 CHART_SCORES = (("pass every rule", "valid_rate"), ("column shapes", "column_shapes"),
-                ("pair trends", "column_pair_trends"), ("MLE ratio interest_rate R²", "mle.interest_rate.r2"),
-                ("MLE ratio grade accuracy", "mle.grade.accuracy"))
+                ("pair trends", "column_pair_trends"))
 
 
 def load_peers(path: Path, domain: str) -> dict:
@@ -265,21 +289,88 @@ def _comparison_plot(comp: dict) -> str:
     import matplotlib.pyplot as plt
 
     names = [c["candidate"] for c in comp["candidates"]][::-1]
-    fig, axes = plt.subplots(1, len(CHART_SCORES), figsize=(3.2 * len(CHART_SCORES), 0.3 * len(names) + 1.2),
-                             sharey=True)
-    for ax, (label, key) in zip(axes, CHART_SCORES):
+    mle = list(dict.fromkeys(k for c in comp["candidates"] for k in c["scores"] if k.startswith("mle.")))
+    scores = [*CHART_SCORES, *((f"MLE ratio {k[4:]}", k) for k in mle)]
+    fig, axes = plt.subplots(len(scores), 1, figsize=(MAX_PLOT_PX / 72, len(scores) * (0.3 * len(names) + 0.9)),
+                             squeeze=False)
+    axes = axes[:, 0]
+    fig.subplots_adjust(hspace=0.9)
+    for ax, (label, key) in zip(axes, scores):
         vals = [c["scores"].get(key) for c in comp["candidates"]][::-1]
         colors = ["#d62728" if n.startswith("this run") else "#999999" if n.startswith("real_") else "#1f77b4"
                   for n in names]  # the run red, real-data references grey, generators blue
         ax.barh(range(len(names)), [0 if v is None else v for v in vals], color=colors)
         for i, v in enumerate(vals):
-            ax.text(0 if v is None else max(v, 0), i, " n/a" if v is None else f" {v:.2f}", va="center", fontsize=6)
+            ax.text(0 if v is None else max(v, 0), i, " n/a" if v is None else f" {v:.2f}", va="center",
+                    fontsize=TICK_PT)
         ax.axvline(0, color="black", lw=0.5)
         ax.set_xlim(min([0.0, *(v for v in vals if v is not None)]) - 0.05, 1.2)
-        ax.set_title(label, fontsize=8)
-        ax.tick_params(labelsize=7)
-    axes[0].set_yticks(range(len(names)), names)
+        ax.set_title(label, fontsize=TITLE_PT)
+        ax.tick_params(labelsize=TICK_PT)
+        ax.set_yticks(range(len(names)), [_label(n) for n in names])
     return _png(fig)
+
+
+CHECK_LEGEND = """<dl class="legend"><dt>How to read the checks</dt>
+<dd>Each check compares the run's records with the real train split (for a conditioned run: the real rows
+that meet the condition). <b>statistic</b> must be <b>must be</b> (direction) the <b>threshold</b>.</dd>
+<dt>ks:&lt;column&gt;</dt><dd>Kolmogorov-Smirnov distance between the run's and the real values of a numeric
+column (0 = same distribution, 1 = disjoint).</dd>
+<dt>q05 / q50 / q95:&lt;column&gt;</dt><dd>where the run's 5th percentile, median and 95th percentile fall among
+the real values, as a distance in probability units (0.02 = two percentile points off).</dd>
+<dt>tvd:&lt;column&gt;</dt><dd>total-variation distance between category shares (half the sum of absolute
+differences; 0 = same shares).</dd>
+<dt>coverage:&lt;column&gt;</dt><dd>share of the real categories holding at least 1% of real rows that the run
+produces at all.</dd>
+<dt>corr:max</dt><dd>the largest difference between the run's and the real Spearman correlation of any pair of
+columns.</dd>
+<dt>threshold</dt><dd>the bound the statistic must stay within: calibrated on real data and widened for what
+chance alone reaches at the run's size (the sampling bound); see README, "Gates before export".</dd>
+<dt>skipped</dt><dd>the check could not be computed meaningfully (e.g. too few values).</dd></dl>"""
+
+
+def _verdict(run: dict, stored: int, checks: pl.DataFrame) -> tuple[str, str]:
+    """(CSS class, one sentence): what a reviewer may do with this run."""
+    if run["status"] == "succeeded" and run.get("gate") in ("passed", None, "skipped", "off"):
+        gate = "passed the distribution gate" if run.get("gate") == "passed" else f"gate {run.get('gate')}"
+        return "pass", f"Complete and {gate}: exportable."
+    if run["status"] == "gate_failed" or run.get("gate") in ("failed", "overridden"):
+        failed = checks.filter(pl.col("status") == "failed")["check_name"].to_list() if checks.height else []
+        names = ", ".join(failed[:5]) + (f" and {len(failed) - 5} more" if len(failed) > 5 else "")
+        if run.get("gate") == "overridden":
+            return "fail", (f"Failed the distribution gate ({names}), overridden with --allow-drift: exportable, "
+                            "and every export's manifest records the override.")
+        return "fail", (f"Refused by the distribution gate ({names}): stored, not exported; exporting it takes "
+                        "--allow-drift, which the manifest records.")
+    return "incomplete", (f"Incomplete (status {run['status']}): {stored:,} of {run['requested_n']:,} records stored, "
+                          f"not exportable; continue it with factory generate --resume {run['run_id']}.")
+
+
+def _rules_table(domain, synth: pl.DataFrame, counts: pl.DataFrame) -> str:
+    """Every rule of the domain: its message, how many stored records pass it, how many attempts it rejected."""
+    failures = domain.validator.validate(synth).failures
+    broken = dict(failures.group_by("rule").agg(pl.col("row").n_unique()).iter_rows()) if failures.height else {}
+    rejected = dict(counts.filter(pl.col("stage") == "rule").select("rule", "attempts").iter_rows()) \
+        if counts.height else {}
+    rows = [{"rule": rule.name, "message": rule.message, "broken": broken.get(rule.name, 0),
+             "stored records passing": f"{synth.height - broken.get(rule.name, 0):,} of {synth.height:,}",
+             "attempts it rejected": f"{rejected.get(rule.name, 0):,}"} for rule in domain.rules]
+    return _table(rows, ["rule", "message", "stored records passing", "attempts it rejected"],
+                  lambda row: "failed" if row["broken"] else None)
+
+
+def _versions(run: dict) -> list[dict]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    rows = [{"component": "factory", "version": str(run.get("factory_version"))},
+            {"component": "model", "version": f"{run['model_id']} {run['model_version']}"},
+            {"component": "rule set", "version": run["rule_set_hash"]}]
+    for pkg in ("torch", "transformers", "polars", "duckdb", "sdmetrics", "xgboost"):
+        try:
+            rows.append({"component": pkg, "version": version(pkg)})
+        except PackageNotFoundError:
+            pass
+    return rows
 
 
 def build_report(store, domain, run_id: str, synth: pl.DataFrame, out_dir: Path, compare: Path | None = None) -> Path:
@@ -302,39 +393,62 @@ def build_report(store, domain, run_id: str, synth: pl.DataFrame, out_dir: Path,
         f"<p>Not included: this report was made without peer metrics. Made with <code>{html.escape(COMPARE_HINT)}"
         "</code>, this section shows the run next to the baselines and SDV models, scored the same way.</p>")
     counts = store.rejection_counts(run_id)
-    checks = store.frame("SELECT check_name, column_names, statistic, threshold, status, detail FROM checks "
-                         "WHERE run_id = ? ORDER BY status = 'passed', check_name", [run_id])
+    checks = store.frame("SELECT check_name, column_names, statistic, threshold, direction, status, detail FROM checks "
+                         "WHERE run_id = ? ORDER BY status = 'passed', status = 'skipped', check_name", [run_id])
+    settings = store.run_settings(run_id)
     q, m, p, r = metrics["quality"], metrics["mle"], metrics["privacy"], metrics["rule_validity"]
+    verdict_cls, verdict = _verdict(run, synth.height, checks)
     summary = [
-        {"measure": "records exported", "value": f"{synth.height:,} of {run['requested_n']:,} requested"},
+        {"measure": "status", "value": verdict},
+        {"measure": "records stored", "value": f"{synth.height:,} of {run['requested_n']:,} requested"},
         {"measure": "attempts / rejected / surplus", "value": f"{run['attempted']:,} / {run['rejected']:,} / {run['surplus']:,}"},
         {"measure": "records passing every rule", "value": f"{r['valid_rate']:.2%}"},
         {"measure": "distribution gate", "value": str(run.get("gate"))},
+        {"measure": "condition", "value": str(settings.get("where") or settings.get("condition") or "none (unconditional)")},
         {"measure": "SDMetrics column shapes / pair trends", "value": f"{q['column_shapes']:.3f} / {q['column_pair_trends']:.3f}"},
         *([{"measure": f"MLE ratio {k}", "value": f"{v:.3f}"} for k, v in m["ratio"].items() if v is not None] if m else []),
         {"measure": "exact copies of training rows", "value": f"{p['exact_copies']:,}"},
         {"measure": "DCR median: synthetic / real test", "value": f"{p['dcr']['median']:.4f} / {p['dcr_reference']['median']:.4f}"},
     ]
+    versions = _versions(run)
     real_all = test.select(domain.spec.names)
     columns_html = "".join(_column_plot(c, real_all[c.name], synth[c.name]) for c in domain.spec.columns)
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>factory report {html.escape(run_id)}</title>
-<style>body{{font-family:sans-serif;margin:24px;max-width:1400px}} table{{border-collapse:collapse;margin:8px 0}}
-td,th{{border:1px solid #ccc;padding:3px 8px;font-size:13px;text-align:left}} img{{margin:4px}}
-.failed{{color:#b00}} .differs{{color:#b00}}</style></head><body>
+    n_failed = int((checks["status"] == "failed").sum()) if checks.height else 0
+    page = f"""<!doctype html><html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>factory report {html.escape(run_id)}</title>
+<style>body{{font-family:sans-serif;margin:16px;max-width:1200px;font-size:15px;line-height:1.4}}
+table{{border-collapse:collapse;margin:8px 0}} .scroll{{overflow-x:auto;max-width:100%}}
+td,th{{border:1px solid #ccc;padding:3px 8px;font-size:13px;text-align:left;vertical-align:top}}
+img{{margin:4px;max-width:100%;height:auto}} code{{overflow-wrap:anywhere}}
+tr.failed td{{background:#fde8e8;color:#900;font-weight:bold}} .differs{{color:#b00}}
+.verdict{{border:3px solid;padding:10px 14px;margin:12px 0;font-size:17px}}
+.verdict.pass{{border-color:#2e7d32;background:#edf7ee}} .verdict.fail{{border-color:#c62828;background:#fdecea}}
+.verdict.incomplete{{border-color:#ef6c00;background:#fff4e5}} dl.legend dt{{font-weight:bold;margin-top:4px}}
+dl.legend dd{{margin-left:16px}}</style></head><body>
 <h1>Run {html.escape(run_id)}</h1>
+<div class="verdict {verdict_cls}" id="verdict"><b>{html.escape(verdict)}</b><br>
+{synth.height:,} of {run['requested_n']:,} records stored; gate {html.escape(str(run.get('gate')))}
+({n_failed} of {checks.height} checks failed); {r['valid_rate']:.2%} of stored records pass every rule.</div>
 <p>Domain <b>{html.escape(domain.name)}</b> (rule set {html.escape(run['rule_set_hash'])}), model
-<b>{html.escape(metrics['model'])}</b>, seed {run['seed']}, status {html.escape(run['status'])},
-started {html.escape(str(run['started_at']))} UTC. Reference: the domain's held-out real test split
-({test.height:,} rows), never used for training. Metrics as JSON: <code>metrics.json</code>.</p>
+<b>{html.escape(metrics['model'])}</b>, seed {run['seed']}, started {html.escape(str(run['started_at']))} UTC.
+Reference: the domain's held-out real test split ({test.height:,} rows), never used for training.
+Metrics as JSON: <code>metrics.json</code>. An export of this run carries its sha256 in
+<code>&lt;file&gt;.manifest.json</code>.</p>
 <h2>Summary</h2>{_table(summary, ["measure", "value"])}
-<h2>Side by side with other generators</h2>{comparison_html}
 <h2>Distribution gate ({checks.height} checks; failed first)</h2>
-{_table(checks.to_dicts(), checks.columns) if checks.height else "<p>no checks recorded (gate off or skipped)</p>"}
+{_table(checks.to_dicts(), checks.columns, lambda row: "failed" if row["status"] == "failed" else None)
+ if checks.height else "<p>no checks recorded (gate off or skipped)</p>"}
+{CHECK_LEGEND}
+<h2>Rules of the {html.escape(domain.name)} domain</h2>
+{_rules_table(domain, synth, counts)}
 <h2>Why attempts were rejected</h2>
 {_rejection_plot(counts) if counts.height else "<p>no rejections</p>"}
 {_table(counts.to_dicts(), ["stage", "rule", "attempts", "message"]) if counts.height else ""}
+<h2>Side by side with other generators</h2>{comparison_html}
 <h2>Real vs synthetic, per column</h2>{columns_html}
 <h2>Pairwise relations</h2>{_heatmaps(domain.spec, real_all, synth)}
+<h2>Versions</h2>{_table(versions, ["component", "version"])}
 </body></html>"""
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, text in (("metrics.json", json.dumps(metrics, indent=1, default=str)), ("report.html", page)):
