@@ -7,6 +7,7 @@ bug and keeps its traceback.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import importlib.util
@@ -30,10 +31,12 @@ from factory.domain import DomainError, available_domains, load_domain
 from factory.export import ExportError, check_target, export_run, manifest_path
 from factory.generators import GENERATORS, GeneratorError, default_model, load_generator
 from factory.inputs import InputError, read_table
-from factory.loop import AttemptBudgetExceeded, LocalEngine, ResumeError, resume_generation, run_generation
+from factory.loop import (AttemptBudgetExceeded, LocalEngine, ResumeError, new_run_id, resume_generation,
+                          run_generation)
 from factory.ray_engine import EngineError, GeneratorSpec, RayEngine
 from factory.store import Store, StoreError, check_db_name
 
+STARTED = time.perf_counter()  # the command's start, for the wall time its summary reports
 app = typer.Typer(name="factory", help=__doc__.split("\n")[0], no_args_is_help=True, add_completion=False,
                   pretty_exceptions_show_locals=False)
 # Piped output is not squeezed into 80 columns: tables stay readable in files and CI logs.
@@ -217,10 +220,10 @@ def generate(
         check_target(out_path, force)  # before the run, not after it
     generator = load_generator(d, model, model_dir=model_dir, device=device)
     size = batch_size or int(d.config.get("batch_size", 1000))
-    started = time.perf_counter()
-    with Store(db) as store:
+    run_id = new_run_id(d)
+    with Store(db) as store, _interruptible(run_id, db, quiet):
         try:
-            result = run_generation(d, generator, n, seed, store, size, max_attempts=max_attempts,
+            result = run_generation(d, generator, n, seed, store, size, max_attempts=max_attempts, run_id=run_id,
                                     progress=not quiet, allow_drift=allow_drift, shards=shards,
                                     engine=_engine(engine, d, model, model_dir, address, workers, device),
                                     settings={"model": model or default_model(d),
@@ -228,7 +231,21 @@ def generate(
                                               **getattr(generator, "settings", {})})
         except AttemptBudgetExceeded as e:
             fail(str(e), code=1)
-        _finish(store, d, generator, result, n, out_path, force, allow_drift, db, started)
+        _finish(store, d, generator, result, n, out_path, force, allow_drift, db)
+
+
+@contextlib.contextmanager
+def _interruptible(run_id: str, db: Path, quiet: bool):
+    """Say which run this is before it starts, and how to continue it if Ctrl-C stops it: every batch
+    stored before the interruption is kept, and `--resume` ends with exactly what an uninterrupted run
+    stores."""
+    if not quiet:
+        err.print(f"run {run_id} (database {db})", soft_wrap=True, highlight=False)
+    try:
+        yield
+    except KeyboardInterrupt:
+        fail(f"interrupted: run {run_id} keeps every batch stored so far; continue it with "
+             f"`factory generate --resume {run_id} --db {db}`", code=130)
 
 
 def _engine(name: str, d, model, model_dir, address, workers, device):
@@ -244,8 +261,7 @@ def _resume(run_id: str, db: Path, out_path: Optional[Path], force: bool, quiet:
         fail(f"no database at {db}")
     if out_path is not None:
         check_target(out_path, force)
-    started = time.perf_counter()
-    with Store(db) as store:
+    with Store(db) as store, _interruptible(run_id, db, quiet):
         run = store.run(run_id)
         d = load_domain(run["domain"])
         settings = store.run_settings(run_id)
@@ -259,10 +275,10 @@ def _resume(run_id: str, db: Path, out_path: Optional[Path], force: bool, quiet:
             fail(str(e))
         except AttemptBudgetExceeded as e:
             fail(str(e), code=1)
-        _finish(store, d, generator, result, run["requested_n"], out_path, force, allow_drift, db, started)
+        _finish(store, d, generator, result, run["requested_n"], out_path, force, allow_drift, db)
 
 
-def _finish(store, d, generator, result, n, out_path, force, allow_drift, db, started):
+def _finish(store, d, generator, result, n, out_path, force, allow_drift, db):
     refused = result.gate is not None and result.gate.blocks_export
     if out_path is not None and not refused:
         try:
@@ -283,7 +299,7 @@ def _finish(store, d, generator, result, n, out_path, force, allow_drift, db, st
         ("surplus", f"{result.surplus:,}"),
         ("shards", f"{result.shards:,}"),
         ("gate", gate_line),
-        ("wall time", f"{time.perf_counter() - started:.1f} s"),
+        ("wall time", f"{time.perf_counter() - STARTED:.1f} s (the whole command)"),
         ("database", str(db)),
     ] + ([("exported", str(out_path))] if out_path is not None and not refused else [])
     table = Table(show_header=False, box=None)

@@ -37,13 +37,12 @@ from typing import Callable, Protocol
 
 import numpy as np
 import polars as pl
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from factory.checks.gate import GateResult, run_gate
 from factory.checks.privacy import PrivacyFilter
 from factory.domain import Domain
 from factory.generators import Generator
+from factory.progress import RunProgress
 from factory.store import Store
 
 REJECTION_SCHEMA = {"run_id": pl.String, "shard": pl.Int64, "attempt_id": pl.Int64, "batch": pl.Int64,
@@ -147,14 +146,6 @@ def next_batch_size(batch_size: int, remaining: int, valid: int, generated: int)
 
 def new_run_id(domain: Domain) -> str:
     return f"{domain.name}-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{secrets.token_hex(3)}"
-
-
-def _progress(enabled: bool) -> Progress:
-    console = Console(file=sys.stderr)
-    return Progress(
-        TextColumn("[bold]generating"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("attempted {task.fields[attempted]:,}  acceptance {task.fields[rate]:.1%}"),
-        TimeElapsedColumn(), console=console, disable=not (enabled and console.is_terminal), transient=False)
 
 
 def generate_shard(domain: Domain, generator: Generator, plan: RunPlan, state: ShardState,
@@ -286,17 +277,12 @@ def _drive(domain: Domain, generator: Generator, store: Store, plan: RunPlan, pr
     gate = None
     started = time.perf_counter()
     try:
-        with _progress(progress) as bar:
-            run = store.run(plan.run_id)
-            task = bar.add_task("generate", total=plan.n, completed=run["accepted"], attempted=run["attempted"],
-                                rate=run["accepted"] / max(1, run["attempted"]))
-
+        run = store.run(plan.run_id)
+        with RunProgress(plan.n, run["accepted"], run["attempted"], enabled=progress) as bar:
             def on_progress():
-                if bar.disable:
-                    return
-                r = store.run(plan.run_id)
-                bar.update(task, completed=r["accepted"], attempted=r["attempted"],
-                           rate=r["accepted"] / max(1, r["attempted"]))
+                if bar.enabled:
+                    r = store.run(plan.run_id)
+                    bar.update(r["accepted"], r["attempted"])
             engine.run(domain, generator, store, plan, todo, on_progress)
         if plan.gates:
             gate = run_gate(store, domain, plan.run_id, allow_drift)
