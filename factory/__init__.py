@@ -1,4 +1,9 @@
-"""factory: a domain-specialized synthetic data factory with validation."""
+"""factory: a domain-specialized synthetic data factory with validation.
+
+The library API (factory/api.py) is importable from here: `factory.generate`, `factory.validate`,
+`factory.domains`, `factory.Run`, `factory.GateFailed`. They load lazily, so that `factory --help`
+and `import factory` stay fast.
+"""
 import os
 
 # OpenMP threads that spin while waiting make torch/XGBoost up to 7x slower when the
@@ -8,3 +13,12 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 __version__ = "0.1.0"
+__all__ = ["generate", "validate", "domains", "Run", "GateFailed", "__version__"]
+
+
+def __getattr__(name: str):
+    if name in ("generate", "validate", "domains", "Run", "GateFailed"):
+        from factory import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'factory' has no attribute {name!r}")
