@@ -28,6 +28,7 @@ from factory.checks.gate import EXIT_CODE as GATE_EXIT_CODE
 from factory.checks.gate import GateFailed, check_rows
 from factory.domain import DomainError, available_domains, load_domain
 from factory.export import ExportError, check_target, export_run, manifest_path
+from factory.files import WriteError, atomic_write_text
 from factory.generators import GENERATORS, GeneratorError, default_model, load_generator
 from factory.inputs import InputError, read_table
 from factory.loop import AttemptBudgetExceeded, LocalEngine, ResumeError, resume_generation, run_generation
@@ -41,7 +42,7 @@ _PIPED_WIDTH = None if sys.stdout.isatty() or "COLUMNS" in os.environ else 160
 out = Console(width=_PIPED_WIDTH)
 err = Console(stderr=True, width=_PIPED_WIDTH)
 
-USER_ERRORS = (DomainError, StoreError, ExportError, GeneratorError, InputError, GateError, EngineError)
+USER_ERRORS = (DomainError, StoreError, ExportError, WriteError, GeneratorError, InputError, GateError, EngineError)
 ENGINES = ("local", "ray")
 INT64_MAX = 2**63 - 1
 ALLOW_DRIFT = typer.Option(False, "--allow-drift",
@@ -181,7 +182,7 @@ def generate(
     d = load_domain(domain)
     check_db_name(db, d)
     if out_path is not None:
-        check_target(out_path, force)  # before the run, not after it
+        check_target(out_path, force, db)  # before the run, not after it
     generator = load_generator(d, model, model_dir=model_dir, device=device)
     size = batch_size or int(d.config.get("batch_size", 1000))
     started = time.perf_counter()
@@ -210,7 +211,7 @@ def _resume(run_id: str, db: Path, out_path: Optional[Path], force: bool, quiet:
     if not Path(db).exists():
         fail(f"no database at {db}")
     if out_path is not None:
-        check_target(out_path, force)
+        check_target(out_path, force, db)
     started = time.perf_counter()
     with Store(db) as store:
         run = store.run(run_id)
@@ -307,9 +308,7 @@ def evaluate_cmd(run_id: str = typer.Argument(..., help="run id (see `factory ru
         table.add_row(Text(k, style="bold"), v)
     out.print(table)
     if out_path is not None:
-        tmp = out_path.with_name(out_path.name + ".tmp")
-        tmp.write_text(json.dumps(result, indent=1, default=str))
-        os.replace(tmp, out_path)
+        atomic_write_text(out_path, json.dumps(result, indent=1, default=str))
         out.print(f"metrics written to {out_path}")
 
 
@@ -345,7 +344,7 @@ def export_cmd(run_id: str = typer.Argument(..., help="run id (see `factory runs
                db: Path = DB_OPTION,
                allow_drift: bool = ALLOW_DRIFT):
     """Export a stored run's accepted records, with <out>.manifest.json beside them (exit 3 if its gate failed)."""
-    check_target(out_path, force)
+    check_target(out_path, force, db)
     with Store(db, read_only=True) as store:
         d = load_domain(store.run(run_id)["domain"])
         count = export_run(store, d, run_id, out_path, force, allow_drift=allow_drift)
