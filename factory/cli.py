@@ -29,6 +29,7 @@ from factory.checks.gate import EXIT_CODE as GATE_EXIT_CODE
 from factory.checks.gate import GateFailed, check_rows
 from factory.domain import DomainError, available_domains, load_domain
 from factory.export import ExportError, check_target, export_run, manifest_path
+from factory.files import WriteError, atomic_write_text
 from factory.generators import GENERATORS, GeneratorError, default_model, load_generator
 from factory.inputs import InputError, read_table
 from factory.loop import (AttemptBudgetExceeded, LocalEngine, ResumeError, new_run_id, resume_generation,
@@ -44,9 +45,11 @@ _PIPED_WIDTH = None if sys.stdout.isatty() or "COLUMNS" in os.environ else 160
 out = Console(width=_PIPED_WIDTH)
 err = Console(stderr=True, width=_PIPED_WIDTH)
 
-USER_ERRORS = (DomainError, StoreError, ExportError, GeneratorError, InputError, GateError, EngineError)
+USER_ERRORS = (DomainError, StoreError, ExportError, WriteError, GeneratorError, InputError, GateError, EngineError)
 ENGINES = ("local", "ray")
 INT64_MAX = 2**63 - 1
+MAX_RECORDS = 10**12  # -n: far beyond any run, and 100 x n attempts still fit a DuckDB BIGINT
+VALIDATE_CHUNK = 100_000
 ALLOW_DRIFT = typer.Option(False, "--allow-drift",
                            help="export even if the distribution gate failed (the manifest records the override)")
 DB_OPTION = typer.Option(Path("factory.duckdb"), "--db", help="DuckDB file holding runs, records and rejections")
@@ -141,12 +144,22 @@ def validate(file: Path = typer.Argument(..., help="CSV or Parquet file with the
     """Check a CSV/Parquet file against a domain's schema and rules. Exit 1 if any row fails."""
     d = load_domain(domain)
     df = read_table(file, d.spec)
-    result = d.validator.validate(df)
-    n_bad = df.height - result.n_valid
-    if not result.failures.height:
+    if df.height == 0:
+        fail(f"{file}: the file has a header but no rows; there is nothing to validate")
+    # Validate in chunks and keep only counts: memory stays bounded by one chunk's failures,
+    # however many of a million rows break a rule (each failure is a row in pandera's report).
+    parts, n_bad = [], 0
+    for start in range(0, df.height, VALIDATE_CHUNK):
+        result = d.validator.validate(df.slice(start, VALIDATE_CHUNK))
+        chunk_bad = result.failures["row"].n_unique() if result.failures.height else 0
+        n_bad += chunk_bad
+        if chunk_bad:
+            parts.append(result.failures.group_by("stage", "rule", "message").agg(pl.col("row").n_unique().alias("rows")))
+        del result
+    if not n_bad:
         out.print(f"[green]{file}: all {df.height:,} rows pass every {domain} rule[/]")
         return
-    counts = (result.failures.group_by("stage", "rule", "message").agg(pl.col("row").n_unique().alias("rows"))
+    counts = (pl.concat(parts).group_by("stage", "rule", "message").agg(pl.col("rows").sum())
               .sort(["rows", "stage", "rule"], descending=[True, False, False]))
     print_frame(counts, title=f"{file}: {n_bad:,} of {df.height:,} rows violate a rule")
     raise typer.Exit(1)
@@ -201,6 +214,8 @@ def generate(
         fail("generate needs --domain and -n (or --resume RUN_ID)")
     if n <= 0:
         fail(f"-n must be a positive number of records, got {n}")
+    if n > MAX_RECORDS:
+        fail(f"-n must be at most {MAX_RECORDS:,}, got {n:,}")
     if seed < 0:
         fail(f"--seed must be >= 0, got {seed}")
     if batch_size is not None and batch_size <= 0:
@@ -217,7 +232,7 @@ def generate(
     d = load_domain(domain)
     check_db_name(db, d)
     if out_path is not None:
-        check_target(out_path, force)  # before the run, not after it
+        check_target(out_path, force, db)  # before the run, not after it
     generator = load_generator(d, model, model_dir=model_dir, device=device)
     size = batch_size or int(d.config.get("batch_size", 1000))
     run_id = new_run_id(d)
@@ -260,7 +275,7 @@ def _resume(run_id: str, db: Path, out_path: Optional[Path], force: bool, quiet:
     if not Path(db).exists():
         fail(f"no database at {db}")
     if out_path is not None:
-        check_target(out_path, force)
+        check_target(out_path, force, db)
     with Store(db) as store, _interruptible(run_id, db, quiet):
         run = store.run(run_id)
         d = load_domain(run["domain"])
@@ -356,9 +371,7 @@ def evaluate_cmd(run_id: str = typer.Argument(..., help="run id (see `factory ru
         table.add_row(Text(k, style="bold"), v)
     out.print(table)
     if out_path is not None:
-        tmp = out_path.with_name(out_path.name + ".tmp")
-        tmp.write_text(json.dumps(result, indent=1, default=str))
-        os.replace(tmp, out_path)
+        atomic_write_text(out_path, json.dumps(result, indent=1, default=str))
         out.print(f"metrics written to {out_path}")
 
 
@@ -394,7 +407,7 @@ def export_cmd(run_id: str = typer.Argument(..., help="run id (see `factory runs
                db: Path = DB_OPTION,
                allow_drift: bool = ALLOW_DRIFT):
     """Export a stored run's accepted records, with <out>.manifest.json beside them (exit 3 if its gate failed)."""
-    check_target(out_path, force)
+    check_target(out_path, force, db)
     with Store(db, read_only=True) as store:
         d = load_domain(store.run(run_id)["domain"])
         count = export_run(store, d, run_id, out_path, force, allow_drift=allow_drift)
@@ -452,8 +465,8 @@ def rejections(run_id: str = typer.Argument(..., help="run id (see `factory runs
                fmt: str = FORMAT_OPTION):
     """Why a run's attempts were rejected: counts by stage and rule, with example texts
     (csv/json: the counts only)."""
-    if examples < 0:
-        fail(f"--examples must be >= 0, got {examples}")
+    if not 0 <= examples <= 10_000:
+        fail(f"--examples must be between 0 and 10,000, got {examples:,}")
     with Store(db, read_only=True) as store:
         run = store.run(run_id)
         counts = store.rejection_counts(run_id)
@@ -483,8 +496,8 @@ def sql(query: str = typer.Argument(..., help="SQL to run (read-only)"),
         max_rows: int = typer.Option(100, "--max-rows", help="rows to print"),
         fmt: str = FORMAT_OPTION):
     """Run a read-only SQL query on the database and print the result."""
-    if max_rows < 0:
-        fail(f"--max-rows must be >= 0, got {max_rows}")
+    if not 0 <= max_rows <= INT64_MAX:
+        fail(f"--max-rows must be between 0 and {INT64_MAX:,}, got {max_rows:,}")
     with Store(db, read_only=True) as store:
         df = store.query(query)
     print_frame(df, max_rows=max_rows, fmt=fmt)

@@ -32,23 +32,32 @@ def train(domain: str, config: Path | None, out: Path | None, resume: bool, db: 
     from factory.difflm.train import TrainConfig, Trainer
     from factory.domain import load_domain
 
+    from factory.difflm.config import read_json_object
+    from factory.difflm.train import staging_dir
+    from factory.store import Store, StoreError
+
     dom = load_domain(domain)
-    try:
-        cfg_dict = json.loads(config.read_text()) if config else dom.config.get("train", {})
-        if device is not None:
-            cfg_dict = {**cfg_dict, "device": device}
-        cfg = TrainConfig.from_dict(cfg_dict)
-    except (OSError, json.JSONDecodeError, TypeError, ValueError) as e:
-        raise ValueError(f"bad training config {config}: {e}") from None
+    where = str(config) if config else f"{dom.root / 'config.json'}: section train"
+    cfg_dict = read_json_object(config) if config else dom.config.get("train", {})
+    if device is not None:
+        cfg_dict = {**cfg_dict, "device": device}
+    cfg = TrainConfig.from_dict(cfg_dict, where)
     resolve_device(cfg.device)  # a DeviceError before the run is recorded or any data is loaded
     out = out or dom.model_dir
+    if resume and not staging_dir(Path(out)).is_dir():
+        raise StoreError(f"nothing to resume for {out}: no interrupted training in {staging_dir(Path(out))} "
+                         "(a finished training leaves none); train without --resume")
     con = None
     train_id = f"train-{uuid.uuid4().hex[:12]}"
     if db is not None:
         from factory.store import STORAGE_COMPATIBILITY
 
-        con = duckdb.connect(str(db), config={"storage_compatibility_version": STORAGE_COMPATIBILITY})
-        con.execute(TRAIN_DDL)
+        Store(db).close()  # a corrupt or foreign database is refused (one line) before training writes to it
+        try:
+            con = duckdb.connect(str(db), config={"storage_compatibility_version": STORAGE_COMPATIBILITY})
+            con.execute(TRAIN_DDL)
+        except duckdb.Error as e:
+            raise StoreError(f"cannot record the training in {db}: {str(e).splitlines()[0]}") from None
         con.execute("INSERT INTO train_runs VALUES (?, ?, ?, ?, ?, NULL, 'running', NULL)",
                     [train_id, domain, str(out), json.dumps(cfg_dict), _now()])
 
@@ -92,13 +101,16 @@ def register(app: typer.Typer):
         device: str = typer.Option(None, "--device", help="cpu, cuda or auto (cuda if torch sees a GPU); "
                                    "default: the config's 'device', else cpu"),
     ):
-        """Train a domain's DiffLM stack (decoder LM, beta-VAE, latent diffusion)."""
+        """Train a domain's DiffLM stack (decoder LM, beta-VAE, latent diffusion).
+
+        The stack is built in a staging folder beside --out (.<name>.training, with its
+        checkpoints) and renamed into place whole at the end; --resume continues that folder."""
+        from factory.cli import fail, user_errors
+        from factory.difflm.config import ModelError
         from factory.difflm.device import DeviceError
 
         try:
-            summary, secs = train(domain, config, out, resume, db, quiet, device)
-        except DeviceError as e:
-            from factory.cli import fail
-
+            summary, secs = user_errors(train)(domain, config, out, resume, db, quiet, device)
+        except (DeviceError, ModelError) as e:
             fail(str(e))
         typer.echo(f"trained {domain} stack in {secs / 60:.1f} min -> {out or 'domains/' + domain + '/model'}")

@@ -10,6 +10,7 @@
 - `calibrate`: derives the thresholds from the real held-out test split
   (`python -m factory.checks.calibrate --domain finance --write`).
 """
-from factory.checks.base import Check, GateConfig, GateError, gate_config
+from factory.checks.base import Check, GateConfig, GateError
+from factory.checks.gate import gate_config
 
 __all__ = ["Check", "GateConfig", "GateError", "gate_config"]

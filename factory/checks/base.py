@@ -1,4 +1,4 @@
-"""What a check is, and where a domain's gate settings come from."""
+"""What a check is, and a domain's gate settings (read by factory.checks.gate.gate_config)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -51,12 +51,12 @@ class Check:
 class GateConfig:
     """A domain's gate settings (config.json "gates"); see factory/checks/calibrate.py."""
 
-    alpha: float = 0.001  # per-check false-alarm level of the sample-size-aware bounds
-    min_rows: int = 200  # below this many records the distribution gate is skipped
-    min_values: int = 50  # a quantile check needs this many non-null values in the run
+    alpha: float = 0.01  # family-wise false-refusal level over all checks (Bonferroni: alpha / K each)
+    min_rows: int = 1  # below this many records the distribution gate is skipped (1: every run is gated)
+    min_values: int = 10  # a quantile check needs this many non-null values in the run
     coverage_min_share: float = 0.01  # coverage counts real categories with at least this share
     ordinal: tuple[str, ...] = ()  # string categoricals whose spec value order is meaningful
-    thresholds: dict[str, float] = field(default_factory=dict)  # check name -> calibrated threshold
+    thresholds: dict[str, float] = field(default_factory=dict)  # check name -> calibrated tolerance
     near_copy_dcr: float | None = None  # privacy: DCR below this is a near-copy (None: no near-copy check)
     privacy: bool = True  # apply the privacy filter in the loop
 
@@ -72,26 +72,3 @@ class GateConfig:
                    coverage_min_share=float(d.get("coverage_min_share", cls.coverage_min_share)),
                    ordinal=tuple(d.get("ordinal", ())), thresholds=dict(d.get("thresholds", {})),
                    near_copy_dcr=p.get("near_copy_dcr"), privacy=bool(p.get("enabled", True)))
-
-
-_cache: dict[tuple[str, str], GateConfig] = {}
-
-
-def gate_config(domain) -> GateConfig:
-    """The domain's `gates` block. A domain without calibrated thresholds (or without a
-    near-copy distance) gets them calibrated now from its own test split, the same way
-    `python -m factory.checks.calibrate` would (cached per process)."""
-    key = (domain.name, str(domain.root))
-    if key in _cache:
-        return _cache[key]
-    g = dict((domain.config or {}).get("gates", {}))
-    if "thresholds" not in g or "near_copy_dcr" not in g.get("privacy", {}):
-        from factory.checks.calibrate import calibrate
-
-        settings = {k: v for k, v in g.items() if k not in ("thresholds", "privacy")}
-        cal = calibrate(domain, GateConfig.from_dict(settings))
-        g.setdefault("thresholds", cal["thresholds"])
-        g["privacy"] = {**cal["privacy"], **g.get("privacy", {})}
-    cfg = GateConfig.from_dict(g)
-    _cache[key] = cfg
-    return cfg

