@@ -124,6 +124,12 @@ def _looks_like_dates(s: pl.Series) -> bool:
     return False
 
 
+def _looks_like_text(s: pl.Series) -> bool:
+    """Words rather than codes: most values hold a space, or they average 20+ characters."""
+    v = s.drop_nulls()
+    return bool(v.str.contains(" ", literal=True).mean() >= 0.5 or v.str.len_chars().mean() >= 20)
+
+
 def infer(df: pl.DataFrame, warn: Callable[[str], None] = lambda m: None) -> Inferred:
     """One domain column per usable source column. Excluded (and flagged): all-null, ID-like
     (a distinct value in every row), dates, free text (strings with more than MAX_CATEGORIES
@@ -158,14 +164,20 @@ def infer(df: pl.DataFrame, warn: Callable[[str], None] = lambda m: None) -> Inf
             dtype = pl.String
         if dtype in (pl.String, pl.Categorical) or isinstance(dtype, pl.Enum):
             s = s.cast(pl.String)
-            if distinct == nonnull and nonnull > 1:
-                exclude(src, "ID-like: a distinct value in every row")
-                continue
             if _looks_like_dates(s):
                 exclude(src, "holds dates (as text); dates are not generated yet")
                 continue
-            if distinct > MAX_CATEGORIES or distinct > 0.5 * nonnull:
-                exclude(src, f"free text: {distinct:,} distinct strings (a category has at most {MAX_CATEGORIES})")
+            many = distinct > MAX_CATEGORIES or distinct > 0.5 * nonnull
+            if many and _looks_like_text(s):
+                exclude(src, f"free text: {distinct:,} distinct strings, mostly words (a category has at most "
+                             f"{MAX_CATEGORIES} values)")
+                continue
+            if distinct == nonnull and nonnull > 1:
+                exclude(src, "ID-like: a distinct value in every row")
+                continue
+            if many:
+                exclude(src, f"free text or codes: {distinct:,} distinct strings (a category has at most "
+                             f"{MAX_CATEGORIES} values)")
                 continue
             fixed = s.str.replace_all(", ", ",", literal=True).str.replace_all(": ", ":", literal=True)
             if (fixed != s).any():

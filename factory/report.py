@@ -119,10 +119,22 @@ def _fmt(v) -> str:
 
 
 COMPARE_HINT = "factory report RUN_ID --compare reports/benchmarks/peers.json"
-# Bars of the comparison chart: (label, key of _scores).
+# Bars of the comparison chart: (label, key of _scores); the MLE bars follow the domain's tasks.
 CHART_SCORES = (("pass every rule", "valid_rate"), ("column shapes", "column_shapes"),
-                ("pair trends", "column_pair_trends"), ("MLE ratio interest_rate R²", "mle.interest_rate.r2"),
-                ("MLE ratio grade accuracy", "mle.grade.accuracy"))
+                ("pair trends", "column_pair_trends"))
+MLE_CHART_METRIC = {"regression": ("r2", "R²"), "classification": ("accuracy", "accuracy")}
+
+
+def chart_scores(domain) -> tuple:
+    """CHART_SCORES plus one bar per MLE task of the domain (its R² or accuracy ratio)."""
+    from factory.evaluate import mle_tasks
+
+    try:
+        tasks = mle_tasks(domain)
+    except KeyError:
+        tasks = ()
+    return CHART_SCORES + tuple((f"MLE ratio {t.name} {MLE_CHART_METRIC[t.kind][1]}",
+                                 f"mle.{t.name}.{MLE_CHART_METRIC[t.kind][0]}") for t in tasks)
 
 
 def load_peers(path: Path, domain: str) -> dict:
@@ -227,7 +239,7 @@ def fmt_number(v, digits: int = 3) -> str:
     return f"{v:.{digits}f}"
 
 
-def _comparison_html(comp: dict) -> str:
+def _comparison_html(comp: dict, bars: tuple = CHART_SCORES) -> str:
     src = comp["source"]
     mle_keys = list(dict.fromkeys(k for c in comp["candidates"] for k in c["scores"] if k.startswith("mle.")))
     head = ["candidate", "numbers from", "rows", "pass every rule", "column shapes", "pair trends",
@@ -258,16 +270,16 @@ exactly like this run's: same splits, rule set, metric code and settings (<code>
 the same number of rows, and identical real references (real-train MLE scores, DCR of the real test split).
 Anything else is named there. MLE ratio = XGBoost score on the real test split when trained on the
 candidate / when trained on the real train split; DCR = distance to the closest training row.</p>
-{table}<ul style="font-size:12px">{notes}</ul>{_comparison_plot(comp)}"""
+{table}<ul style="font-size:12px">{notes}</ul>{_comparison_plot(comp, bars)}"""
 
 
-def _comparison_plot(comp: dict) -> str:
+def _comparison_plot(comp: dict, bars: tuple = CHART_SCORES) -> str:
     import matplotlib.pyplot as plt
 
     names = [c["candidate"] for c in comp["candidates"]][::-1]
-    fig, axes = plt.subplots(1, len(CHART_SCORES), figsize=(3.2 * len(CHART_SCORES), 0.3 * len(names) + 1.2),
+    fig, axes = plt.subplots(1, len(bars), figsize=(3.2 * len(bars), 0.3 * len(names) + 1.2),
                              sharey=True)
-    for ax, (label, key) in zip(axes, CHART_SCORES):
+    for ax, (label, key) in zip(axes, bars):
         vals = [c["scores"].get(key) for c in comp["candidates"]][::-1]
         colors = ["#d62728" if n.startswith("this run") else "#999999" if n.startswith("real_") else "#1f77b4"
                   for n in names]  # the run red, real-data references grey, generators blue
@@ -298,7 +310,7 @@ def build_report(store, domain, run_id: str, synth: pl.DataFrame, out_dir: Path,
                 "peer's row scores what that peer wrote (see its note), unfiltered")
     metrics["comparison"] = comparison(metrics, peers, run_note) if peers else {
         "included": False, "how": f"not included: no peer metrics given ({COMPARE_HINT})"}
-    comparison_html = _comparison_html(metrics["comparison"]) if peers else (
+    comparison_html = _comparison_html(metrics["comparison"], chart_scores(domain)) if peers else (
         f"<p>Not included: this report was made without peer metrics. Made with <code>{html.escape(COMPARE_HINT)}"
         "</code>, this section shows the run next to the baselines and SDV models, scored the same way.</p>")
     counts = store.rejection_counts(run_id)
