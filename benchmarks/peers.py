@@ -331,7 +331,7 @@ def markdown(report: dict) -> str:
         "",
         "| candidate | rows | fit s | sample s | valid (all rules) | " + "".join(f"{r} | " for r in rules)
         + "shapes | pair trends | " + "".join(f"{m} | " for m, _ in mles) + "exact copies | DCR median |",
-        "|---|" + "---:|" * (10 + len(rules) + len(mles) - 1),
+        "|---|" + "---:|" * (8 + len(rules) + len(mles)),
     ]
     res = report["results"]
     for name, r in res.items():

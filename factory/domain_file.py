@@ -188,3 +188,29 @@ def build_domain(root: Path, doc: dict | None = None, *, check_columns: bool = T
                   derive=partial(derive_frame, steps=steps, names=spec.names),
                   load_split=partial(load_split_file, root / "data", spec),
                   description=str(doc.get("description", "")), config=config, decode_constraints=decode)
+
+
+def update_settings(root: Path, key: str, value) -> Path:
+    """Set `[settings.<key>]` of a folder's domain.toml (keeping its header comments), via temp file + rename."""
+    import os
+
+    import tomli_w
+
+    path = Path(root) / DOMAIN_FILE
+    text = path.read_text()
+    doc = read_domain_file(path)
+    doc.setdefault("settings", {})[key] = value
+    header = _leading_comments(text)
+    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+    tmp.write_text(header + tomli_w.dumps(doc))
+    tmp.replace(path)
+    return path
+
+
+def _leading_comments(text: str) -> str:
+    out = []
+    for line in text.splitlines():
+        if not line.startswith("#"):
+            break
+        out.append(line + "\n")
+    return "".join(out)

@@ -290,3 +290,21 @@ def test_init_train_generate_validate_on_a_real_table(table, tmp_path):
     assert "rownames" in excluded and not set(excluded) & set(out.columns)
     v = factory("validate", "--domain", table, "out.csv", cwd=tmp_path, env=env)
     assert v.returncode == 0, v.stdout[-2000:]
+
+
+def test_recalibrating_a_declarative_domain_rewrites_its_gates(here, capsys):
+    from factory.checks.calibrate import main as calibrate_main
+
+    mixed_table().write_csv(here / "m.csv")
+    init_domain("m", here / "m.csv")
+    path = here / "domains" / "m" / "domain.toml"
+    before = tomllib.loads(path.read_text())
+    doc = dict(before)
+    doc["settings"] = {**before["settings"], "gates": {**before["settings"]["gates"], "thresholds": {"ks:size": 0.9}}}
+    import tomli_w
+    path.write_text("# my notes\n" + tomli_w.dumps(doc))
+    calibrate_main(["--domain", "m", "--write"])
+    after = path.read_text()
+    assert after.startswith("# my notes\n")
+    assert tomllib.loads(after)["settings"]["gates"]["thresholds"] == before["settings"]["gates"]["thresholds"]
+    assert load_domain("m").config["gates"]["thresholds"]["ks:size"] == before["settings"]["gates"]["thresholds"]["ks:size"]
