@@ -5,7 +5,8 @@
 - `[[columns]]`: name, type (`integer`, `decimal` or `category`), `lo`/`hi`, `decimals`,
   `values`, `nullable`, `derived` (computed by a rule, never generated);
 - `[[rules]]`: one `constraint` each (`schemas.constraints.constraint_from_json`), with its
-  name, message and the `support` it had on the real rows. Each constraint is the single
+  name, message and the `support` it had on the real rows; a null (missing value) inside a
+  constraint's lists is written "null". Each constraint is the single
   declaration of a relation: its validation rule (`rule()`), its decode-time mask (when the
   decoder can enforce it, `decode = true`) and, for a constraint that determines a column
   (`Determines`, `SumOf`), that column's derivation (`derive_expr()`);
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import polars as pl
 
-from schemas.columns import Categorical, Numeric, TableSpec
+from schemas.columns import NULL_TEXT, Categorical, Numeric, TableSpec
 
 DOMAIN_FILE = "domain.toml"
 SPLITS = ("train", "val", "test")
@@ -110,12 +111,38 @@ def constraints_of(rules: list, source: str) -> list:
         if unknown:
             raise _error(f"{where}: unknown key {', '.join(unknown)} (known: {', '.join(RULE_KEYS)})")
         try:
-            c = constraint_from_json(r["constraint"])
+            c = constraint_from_json(nulls_from_toml(r["constraint"]))
         except (ValueError, KeyError, TypeError) as e:
             name = r["constraint"].get("name", "")
             raise _error(f"{where}{f' ({name})' if name else ''}: {e}") from None
         out.append((c, r))
     return out
+
+
+def nulls_to_toml(d: dict) -> dict:
+    """A constraint's JSON -> TOML, which has no null: a None field is left out (every such field
+    defaults to None) and a None inside a list (a null condition value, a null in a mapping) is
+    written "null", the text no category may take (schemas.columns.NULL_TEXT)."""
+    def inner(v):
+        if isinstance(v, (list, tuple)):
+            return [NULL_TEXT if x is None else inner(x) for x in v]
+        if isinstance(v, dict):
+            return {k: inner(x) for k, x in v.items() if x is not None}
+        return v
+
+    return {k: inner(v) for k, v in d.items() if v is not None}
+
+
+def nulls_from_toml(d: dict) -> dict:
+    """The inverse of nulls_to_toml: "null" inside a list is None again."""
+    def inner(v):
+        if isinstance(v, list):
+            return [None if x == NULL_TEXT else inner(x) for x in v]
+        if isinstance(v, dict):
+            return {k: inner(x) for k, x in v.items()}
+        return v
+
+    return {k: inner(v) for k, v in d.items()}
 
 
 def derive_frame(df: pl.DataFrame, steps: list[tuple[str, pl.Expr]], names: list[str]) -> pl.DataFrame:

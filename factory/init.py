@@ -32,7 +32,7 @@ from typing import Callable
 import numpy as np
 import polars as pl
 
-from factory.domain_file import DOMAIN_FILE, SPLITS, build_domain
+from factory.domain_file import DOMAIN_FILE, SPLITS, build_domain, nulls_to_toml
 from schemas.columns import Categorical, Numeric, TableSpec
 
 SPLIT_SEED = 0
@@ -269,14 +269,12 @@ def choose_rules(mined: list, spec: TableSpec, splits: dict[str, pl.DataFrame]):
 
 
 def _decodable(constraint, spec: TableSpec) -> bool:
-    """Can the schema tokenizer enforce this constraint at decode time (type and column order)?"""
-    from factory.difflm.tokenizer import SchemaTokenizer
+    """Can the schema tokenizer enforce this constraint at decode time (its kind and the columns'
+    generation order)? Otherwise it stays a rule only."""
+    from factory.difflm.tokenizer import enforceable
 
-    try:
-        SchemaTokenizer(spec, spec.generated_names, [constraint])
-    except (ValueError, TypeError, KeyError, AttributeError, NotImplementedError):
-        return False
-    return True
+    masked, _ = enforceable([constraint], spec, spec.generated_names)
+    return bool(masked)
 
 
 # ---------------------------------------------------------------- writing
@@ -495,7 +493,7 @@ def _spec(columns: list[dict]) -> TableSpec:
 
 def _rule_entry(m, derived: dict, decode: set) -> dict:
     entry = {"kind": str(m.kind), "support": int(m.support), "decode": m.name in decode,
-             "constraint": _plain(m.constraint.to_json())}
+             "constraint": _plain(nulls_to_toml(m.constraint.to_json()))}
     target = getattr(m.constraint, "determines", None)
     if target is not None:
         entry["determines"] = target

@@ -308,3 +308,62 @@ def test_recalibrating_a_declarative_domain_rewrites_its_gates(here, capsys):
     assert after.startswith("# my notes\n")
     assert tomllib.loads(after)["settings"]["gates"]["thresholds"] == before["settings"]["gates"]["thresholds"]
     assert load_domain("m").config["gates"]["thresholds"]["ks:size"] == before["settings"]["gates"]["thresholds"]["ks:size"]
+
+
+def test_mined_rules_become_derived_columns_decode_constraints_and_checks(here, monkeypatch):
+    """The init pipeline around the miner, with rules given by hand: a kept Determines derives its
+    column, a SumOf its target, an Implies on earlier columns masks decoding, a rule broken on a
+    held-out split is dropped, and the domain.toml round trip keeps all of it (nulls included)."""
+    from dataclasses import dataclass
+
+    import factory.init as init_mod
+    from schemas.constraints import Determines, Implies, MustBeNull, SumOf
+
+    @dataclass
+    class Mined:
+        constraint: object
+        kind: str
+        support: int
+
+        @property
+        def name(self):
+            return self.constraint.rule().name
+
+        @property
+        def message(self):
+            return self.constraint.rule().message
+
+    n = 200
+    i = pl.int_range(0, n, eager=True)
+    colour = pl.Series(["red", "green", None, "blue"] * (n // 4))
+    df = pl.DataFrame({"colour": colour, "size": (i * 7) % 23 + 1, "extra": (i * 3) % 5,
+                       "code": colour.replace_strict({"red": "R", "green": "G", "blue": "B"}, default=None),
+                       "flag": pl.Series(["yes", "no"] * (n // 2))}).with_columns(total=pl.col("size") + pl.col("extra"))
+    df = df.with_columns(shade=pl.when(pl.col("colour").is_null()).then(None).otherwise(pl.lit("dark")))
+    rules = [
+        Mined(Determines("colour", "code", {"red": "R", "green": "G", "blue": "B", None: None}), "fd", 150),
+        Mined(SumOf("total", ("size", "extra")), "sum", 160),
+        Mined(MustBeNull("shade", "colour", (None,)), "null_pattern", 40),
+        Mined(Implies("colour", ("red",), "flag", ("yes",)), "implication", 40),  # red rows: all "yes"
+        Mined(Implies("flag", ("no",), "colour", ("green", "blue")), "implication", 80),  # order: flag is later
+    ]
+    # a rule that holds on train only: size < 23 is broken by some val/test row with size 23
+    from schemas.constraints import Range
+    rules.append(Mined(Range("size", 1, 22), "range", 160))
+    monkeypatch.setattr(init_mod, "mine_rules", lambda train, spec, seed=0: rules)
+    df.write_parquet(here / "t.parquet")
+    r = init_domain("t", here / "t.parquet")
+    d = load_domain("t")
+    assert {c.name for c in d.spec.columns if c.derived} == {"code", "total"}
+    assert [c.name for c in d.spec.generated] == ["colour", "size", "extra", "flag", "shade"]
+    kinds = {type(c).__name__ for c in d.decode_constraints}
+    assert kinds == {"MustBeNull", "Implies"} and len(d.decode_constraints) == 2  # the flag->colour one stays a check
+    names = [x.name for x in d.rules]
+    assert len(names) == 5 and "size_in_1_22" not in " ".join(names) and r.dropped == 1
+    for s in ("train", "val", "test"):
+        f = d.load_split(s)
+        assert d.validator.validate(f).n_valid == f.height
+        assert d.complete(f.select(d.spec.generated_names)).equals(f)  # derived columns recomputed exactly
+    text = (here / "domains" / "t" / "RULES.md").read_text()
+    assert "derived: code" in text and "derived: total" in text and "## Dropped" in text
+    assert '"null"' in (here / "domains" / "t" / "domain.toml").read_text()  # MustBeNull when colour is null
