@@ -217,6 +217,11 @@ def infer(df: pl.DataFrame, warn: Callable[[str], None] = lambda m: None) -> Inf
     if not cols:
         raise InitError("no usable column: every column was excluded (" +
                         "; ".join(f"{e['name']}: {e['reason']}" for e in excluded) + ")")
+    # Generation order (= the record's column order): categories first, then numbers, each in source
+    # order. Mined conditions are on categories, and the decoder can only enforce a relation on a
+    # column written after the ones it reads ("colour = red implies size <= 3", "x null when kind is b").
+    order = sorted(range(len(cols)), key=lambda k: cols[k]["type"] != "category")
+    cols, out = [cols[k] for k in order], [out[k] for k in order]
     return Inferred(pl.DataFrame(out), cols, excluded, notes, renamed)
 
 
