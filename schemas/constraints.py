@@ -16,7 +16,9 @@ stay rules only (e.g. a <= b where a is written before b, or a relation on a der
 tokenizer itself refuses a constraint it cannot enforce with an error naming it.
 
 Null is a condition value: write it as None (`MustBeNull("b", "a", (None,))` is "b is null when
-a is null"; `Implies("a", ("x",), "b", ("y", None))` is "a = x implies b is y or null").
+a is null"; `Implies("a", ("x",), "b", ("y", None))` is "a = x implies b is y or null"), and
+`invert=True` negates a null pattern's condition (`MustNotBeNull("b", "a", (None,), invert=True)`
+is "b is present when a is present").
 
 Rule semantics for nulls: a comparison with a null operand passes (the column's own nullability
 is the schema's business); a condition is true exactly when the column takes one of the values
@@ -96,7 +98,7 @@ class _Relation:
         out = {"kind": type(self).__name__}
         for f in fields(self):
             v = getattr(self, f.name)
-            if f.name in ("name", "message") and not v:
+            if f.name in ("name", "message", "invert") and not v:
                 continue
             out[f.name] = _to_jsonable(f.name, v)
         return out
@@ -125,6 +127,7 @@ class MustBeNull(_Relation):
     column: str
     when: str
     values: tuple
+    invert: bool = field(default=False, kw_only=True)  # the condition is "when is NOT one of values"
     name: str = field(**_NAMING)
     message: str = field(**_NAMING)
 
@@ -132,14 +135,18 @@ class MustBeNull(_Relation):
     def columns(self):
         return [self.column, self.when]
 
+    def condition(self) -> pl.Expr:
+        hit = is_in(self.when, self.values)
+        return ~hit if self.invert else hit
+
     def _name(self):
-        return f"{self.column}_null_if_{self.when}_{_short_values(self.values)}"
+        return f"{self.column}_null_if_{self.when}_{'not_' if self.invert else ''}{_short_values(self.values)}"
 
     def _message(self):
-        return f"{self.column} must be null when {self.when} is {_values_text(self.values)}"
+        return f"{self.column} must be null when {self.when} is {'not ' if self.invert else ''}{_values_text(self.values)}"
 
     def _expr(self):
-        return ~is_in(self.when, self.values) | pl.col(self.column).is_null()
+        return ~self.condition() | pl.col(self.column).is_null()
 
 
 @dataclass(frozen=True)
@@ -149,6 +156,7 @@ class MustNotBeNull(_Relation):
     column: str
     when: str
     values: tuple
+    invert: bool = field(default=False, kw_only=True)  # the condition is "when is NOT one of values"
     name: str = field(**_NAMING)
     message: str = field(**_NAMING)
 
@@ -156,14 +164,19 @@ class MustNotBeNull(_Relation):
     def columns(self):
         return [self.column, self.when]
 
+    def condition(self) -> pl.Expr:
+        hit = is_in(self.when, self.values)
+        return ~hit if self.invert else hit
+
     def _name(self):
-        return f"{self.column}_present_if_{self.when}_{_short_values(self.values)}"
+        return f"{self.column}_present_if_{self.when}_{'not_' if self.invert else ''}{_short_values(self.values)}"
 
     def _message(self):
-        return f"{self.column} must not be null when {self.when} is {_values_text(self.values)}"
+        return (f"{self.column} must not be null when {self.when} is "
+                f"{'not ' if self.invert else ''}{_values_text(self.values)}")
 
     def _expr(self):
-        return ~is_in(self.when, self.values) | pl.col(self.column).is_not_null()
+        return ~self.condition() | pl.col(self.column).is_not_null()
 
 
 # ---- categories --------------------------------------------------------------------------------
@@ -469,7 +482,8 @@ class SumOf(_Relation):
         return out
 
     def _message(self):
-        return f"{self.target} must equal {self._formula()}, within {self.tol:g}"
+        within = "exactly" if self.tol < 1e-5 else f"within {round(self.tol, 5):g}"
+        return f"{self.target} must equal {self._formula()}, {within}"
 
     def sum_expr(self) -> pl.Expr:
         parts = [pl.col(t).cast(pl.Float64) * s for t, s in zip(self.terms, self.signs)]

@@ -284,6 +284,7 @@ class SchemaTokenizer:
         for c in self.constraints.get(name, ()):
             if isinstance(c, (MustBeNull, MustNotBeNull)):
                 hit = self._hit(c.when, c.values, state)
+                hit = ~hit if c.invert else hit
                 force = torch.where(hit, 1 if isinstance(c, MustBeNull) else 2, force).to(torch.int8)
             elif isinstance(c, Implies):
                 hit = self._hit(c.if_column, c.if_values, state)
