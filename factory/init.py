@@ -497,8 +497,12 @@ def _spec(columns: list[dict]) -> TableSpec:
 
 
 def _rule_entry(m, derived: dict, decode: set) -> dict:
+    # the mined name and message are written out, so the file shows (and lets you edit) what a
+    # rejection will say
+    constraint = {"name": m.name, "message": m.message} | {
+        k: v for k, v in m.constraint.to_json().items() if k not in ("name", "message")}
     entry = {"kind": str(m.kind), "support": int(m.support), "decode": m.name in decode,
-             "constraint": _plain(nulls_to_toml(m.constraint.to_json()))}
+             "constraint": _plain(nulls_to_toml(constraint))}
     target = getattr(m.constraint, "determines", None)
     if target is not None:
         entry["determines"] = target
