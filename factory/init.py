@@ -33,7 +33,7 @@ import numpy as np
 import polars as pl
 
 from factory.domain_file import DOMAIN_FILE, SPLITS, build_domain, nulls_to_toml
-from schemas.columns import Categorical, Numeric, TableSpec
+from schemas.columns import NULL_TEXT, Categorical, Numeric, TableSpec
 
 SPLIT_SEED = 0
 SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
@@ -164,6 +164,13 @@ def infer(df: pl.DataFrame, warn: Callable[[str], None] = lambda m: None) -> Inf
             dtype = pl.String
         if dtype in (pl.String, pl.Categorical) or isinstance(dtype, pl.Enum):
             s = s.cast(pl.String)
+            if (s == NULL_TEXT).any():  # the record text writes a missing value as "null"
+                notes.append(f"{src}: the text {NULL_TEXT!r} read as a missing value")
+                s = pl.select(pl.when(s == NULL_TEXT).then(None).otherwise(s)).to_series().alias(src)
+                nonnull, distinct = n - s.null_count(), s.drop_nulls().n_unique()
+                if nonnull == 0:
+                    exclude(src, "every value is null")
+                    continue
             if _looks_like_dates(s):
                 exclude(src, "holds dates (as text); dates are not generated yet")
                 continue
@@ -188,6 +195,10 @@ def infer(df: pl.DataFrame, warn: Callable[[str], None] = lambda m: None) -> Inf
         elif dtype.is_integer() or dtype.is_float():
             if dtype.is_float():
                 k, off = _decimals(s)
+                top = float(s.abs().max())
+                while k and top * 10**k >= 1e15:  # the tokenizer writes value x 10^decimals as an int64
+                    k -= 1
+                    off = int((s.drop_nulls() != s.drop_nulls().round(k)).sum())
                 if off:
                     notes.append(f"{src}: {off:,} value{'s' if off > 1 else ''} rounded to {k} decimals")
                 s = s.round(k) if k else s.round(0).cast(pl.Int64)
