@@ -102,8 +102,11 @@ def test_init_writes_a_domain_the_engine_loads(here):
     assert "rownames" not in d.spec.names  # ID-like: excluded, never generated
     assert d.spec["sample_yr"].lo == 1995 and d.spec["chapter"].nullable
     doc = tomllib.loads((folder / "domain.toml").read_text())
+    # the miner finds death determined by chapter (a cause of death exactly for the dead): the task
+    # leaves chapter out, or it would leak the target
     assert doc["settings"]["mle_tasks"] == [{"name": "death", "target": "death", "kind": "classification",
-                                             "exclude": []}]
+                                             "exclude": ["chapter"]}]
+    assert d.spec["death"].derived
     gates = doc["settings"]["gates"]
     assert gates["thresholds"]["ks:age"] >= 0.05 and gates["privacy"]["near_copy_dcr"] > 0
     splits = json.loads((folder / "data" / "splits.json").read_text())
