@@ -209,6 +209,16 @@ def build_domain(root: Path, doc: dict | None = None, *, check_columns: bool = T
         raise _error(f"{source}: derived column {', '.join(underived)} has no rule that determines it "
                      "(a Determines or SumOf rule); set derived = false or add one")
     steps = _derivation_order(determining, spec, source)
+    if decode:  # a rule marked decode = true must be one the decoder can mask in this column order
+        from factory.difflm.tokenizer import mask_plan
+
+        order = {n: i for i, n in enumerate(spec.generated_names)}
+        for c in decode:
+            try:
+                mask_plan(c, spec, order)
+            except ValueError as e:
+                raise _error(f"{source}: rule {c.rule().name!r} has decode = true, but the decoder cannot "
+                             f"enforce it ({e}); set decode = false") from None
     config = Config(doc.get("settings", {}))
     config.source = source  # Domain checks it field by field, naming this file
     return Domain(name=name, root=root, spec=spec, rules=rules,

@@ -369,4 +369,14 @@ def test_mined_rules_become_derived_columns_decode_constraints_and_checks(here, 
         assert d.complete(f.select(d.spec.generated_names)).equals(f)  # derived columns recomputed exactly
     text = (here / "domains" / "t" / "RULES.md").read_text()
     assert "derived: code" in text and "derived: total" in text and "## Dropped" in text
-    assert '"null"' in (here / "domains" / "t" / "domain.toml").read_text()  # MustBeNull when colour is null
+    path = here / "domains" / "t" / "domain.toml"
+    text = path.read_text()
+    assert '"null"' in text  # MustBeNull when colour is null
+    # an edit that asks the decoder for a relation it cannot enforce is named, not a crash at generate time
+    doc = tomllib.loads(text)
+    rule = next(r for r in doc["rules"] if r["constraint"]["kind"] == "Implies" and not r["decode"])
+    rule["decode"] = True
+    import tomli_w
+    path.write_text(tomli_w.dumps(doc))
+    with pytest.raises(DomainError, match=f"rule '{rule['constraint']['name']}' has decode = true, but"):
+        load_domain("t")
