@@ -13,7 +13,8 @@ enough support not to be chance:
   the target, the column written last, can be derived);
 - ranges: each numeric column's observed [min, max] (`Range`), when narrower than the spec's;
 - bands: a numeric column's range per value of a category (`RangeBy`, e.g. a rate band per
-  sub-grade), when the bands are at most `max_band_share` of the column's whole range on average.
+  sub-grade, a zero balance for settled loans), for the values whose band is at most
+  `max_band_share` of the width of the column's middle 90%.
 
 False discoveries: a rule needs `min_support` rows that test it non-trivially (see `support` of
 each kind), and is dropped when a randomly shuffled copy of the column it depends on passes it
@@ -372,29 +373,34 @@ class _Miner:
 
     # ---- bands: a range per category ----------------------------------------------------------
     def bands(self, min_group: int = 5):
+        """B in [lo_v, hi_v] for the values v of A whose rows keep B within `max_band_share` of the
+        width of its middle 90% (other values leave B unconstrained): a rate band per sub-grade, a zero balance
+        for settled loans. One A per B: the one whose narrow bands cover the most rows."""
         cats = [n for n in self.cat if 2 <= self.nunique[n] <= self.max_categories]
         for b in self.num:
             s = self.df[b].drop_nulls()
-            if s.len() < self.min_support or s.n_unique() < 3:
+            if b in self.derived or s.len() < self.min_support or s.n_unique() < 3:
                 continue
-            width = float(s.max()) - float(s.min())
+            # the middle 90% of the column: a heavy tail (one large income) would make any band look narrow
+            width = float(s.quantile(0.95)) - float(s.quantile(0.05)) or float(s.max()) - float(s.min())
             best = None
             for a in cats:
-                if a in self.derived or b in self.derived:
+                if a in self.derived:
                     continue
                 g = (self.df.filter(pl.col(b).is_not_null()).group_by(a)
                      .agg(pl.col(b).min().alias("lo"), pl.col(b).max().alias("hi"), pl.len())
-                     .filter(pl.col("len") >= min_group))
-                if g.height < 2:
+                     .filter((pl.col("len") >= min_group) & ((pl.col("hi") - pl.col("lo")) <= self.max_band_share * width)))
+                covered = int(g["len"].sum())
+                if covered < self.min_support:
                     continue
-                share = float(((g["hi"] - g["lo"]) * g["len"]).sum()) / float(g["len"].sum()) / width
-                if share <= self.max_band_share and (best is None or share < best[0]):
+                share = float(((g["hi"] - g["lo"]) * g["len"]).sum()) / covered / width
+                if best is None or (covered, -share) > (best[0], -best[1]):
                     key = lambda r: (r[a] is None, str(r[a]))  # noqa: E731
                     bounds = {r[a]: (float(r["lo"]), float(r["hi"])) for r in sorted(g.iter_rows(named=True), key=key)}
-                    best = (share, a, bounds, int(g["len"].sum()))
+                    best = (covered, share, a, bounds)
             if best is not None:
-                _, a, bounds, support = best
-                self.add(RangeBy(b, a, bounds), "range_by", support, shuffle=a, min_violation=self.min_violation)
+                covered, _, a, bounds = best
+                self.add(RangeBy(b, a, bounds), "range_by", covered, shuffle=a, min_violation=self.min_violation)
 
     @property
     def derived(self) -> set[str]:

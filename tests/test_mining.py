@@ -67,9 +67,12 @@ def test_finance_relations_the_miner_finds(mined):
         "verification_income_joint_null_if_application_type_individual": "null_pattern",
         "debt_to_income_present_if_application_type_individual": "null_pattern",
         "interest_rate_in_band_of_sub_grade": "range_by",
+        "balance_in_band_of_loan_status": "range_by",  # settled loans have balance 0
     }
     for name, kind in expected.items():
         assert name in by_name and by_name[name].kind == kind, name
+    settled = by_name["balance_in_band_of_loan_status"].constraint.bounds
+    assert settled == {"Charged Off": (0.0, 0.0), "Fully Paid": (0.0, 0.0)}
     grade = by_name["grade_determined_by_sub_grade"].constraint
     assert isinstance(grade, Determines) and grade.prefix == 1
     # no numeric ordering that follows from the two ranges alone (installment <= 1,567 < 1,000 <= loan_amount)
