@@ -198,3 +198,17 @@ def test_without_a_spec_dtypes_decide(mined):
     assert "island_Biscoe_if_species_Gentoo" in rules
     assert any(isinstance(r, Implies) for r in [x.constraint for x in mine(penguins())])
     assert not any(isinstance(x.constraint, AtMost) and x.constraint.column == "year" for x in mine(penguins()))
+
+
+def test_awkward_columns_do_not_break_mining():
+    """An all-null column, a constant, a date, an ID-like column and a one-row table."""
+    import datetime
+
+    df = penguins().with_row_index("id").with_columns(
+        nothing=pl.lit(None, pl.Float64), same=pl.lit("x"), seen=pl.lit(datetime.date(2020, 1, 1)),
+        id=pl.col("id").cast(pl.String))
+    rules = mine(df)
+    assert rules and all(r.pass_rate(df) == 1.0 for r in rules)
+    assert not any({"id", "nothing", "same", "seen"} & set(r.constraint.columns) for r in rules
+                   if r.kind != "range")
+    assert mine(df.head(1)) == []
