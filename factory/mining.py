@@ -229,6 +229,8 @@ class _Miner:
                     continue  # already found (or a wider sum containing a found one)
                 # write it with the column generated last as the target (it is then derived)
                 last = max(cols, key=self.pos.get)
+                if last in self.derived:
+                    continue  # already derived by a dependency
                 if last != target:
                     coef = {t: sg for t, sg in zip(terms, signs)} | {target: -1}
                     flip = -coef[last]  # last = sum(coef_t * t) / -coef_last over the others
@@ -449,9 +451,36 @@ def mine(frame: pl.DataFrame, spec: TableSpec | None = None, *, min_support: int
 
 
 def derived_columns(rules: list[MinedRule]) -> dict[str, object]:
-    """Column -> the mined constraint that determines it (first one wins)."""
-    out = {}
+    """Column -> the mined constraint that determines it, in an order that computes every derived
+    column after the derived columns it reads. The first constraint per column wins, in rule order;
+    one that would close a cycle of derivations is left out (it stays a rule)."""
+    chosen: dict[str, object] = {}
+
+    def reaches(start: str, goal: str) -> bool:  # does `start` read `goal` through chosen derivations?
+        stack, seen = [start], set()
+        while stack:
+            col = stack.pop()
+            if col == goal:
+                return True
+            if col in seen or col not in chosen:
+                continue
+            seen.add(col)
+            stack.extend(chosen[col].columns[1:])
+        return False
+
     for r in rules:
-        if r.determines and r.determines not in out:
-            out[r.determines] = r.constraint
+        col = r.determines
+        if col and col not in chosen and not any(reaches(dep, col) for dep in r.constraint.columns[1:]):
+            chosen[col] = r.constraint
+    out: dict[str, object] = {}
+
+    def place(col: str):
+        if col not in out:
+            for dep in chosen[col].columns[1:]:
+                if dep in chosen:
+                    place(dep)
+            out[col] = chosen[col]
+
+    for col in chosen:
+        place(col)
     return out

@@ -212,3 +212,15 @@ def test_awkward_columns_do_not_break_mining():
     assert not any({"id", "nothing", "same", "seen"} & set(r.constraint.columns) for r in rules
                    if r.kind != "range")
     assert mine(df.head(1)) == []
+
+
+def test_derived_columns_come_in_dependency_order_without_cycles():
+    a_to_b = MinedRule(Determines("b", "a", {1: 2}), "a_from_b", "", "functional_dependency", 50, "a")
+    c_sum = MinedRule(SumOf("c", ("a", "d")), "c_sum", "", "sum", 50, "c")
+    b_sum = MinedRule(SumOf("b", ("a", "d")), "b_sum", "", "sum", 50, "b")  # b from a, a from b: a cycle
+    order = derived_columns([c_sum, a_to_b, b_sum])
+    assert list(order) == ["a", "c"]  # a before c, which reads it; b's sum would close a cycle
+    df = pl.DataFrame({"b": [1, 1], "d": [3, 4]})
+    for col, c in order.items():
+        df = df.with_columns(c.derive_expr())
+    assert df["a"].to_list() == [2, 2] and df["c"].to_list() == [5.0, 6.0]
