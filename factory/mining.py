@@ -13,7 +13,8 @@ enough support not to be chance:
   the target, the column written last, can be derived);
 - ranges: each numeric column's observed [min, max] (`Range`), when narrower than the spec's;
 - bands: a numeric column's range per value of a category (`RangeBy`, e.g. a rate band per
-  sub-grade), when the bands are at most `max_band_share` of the column's whole range on average.
+  sub-grade, a zero balance for settled loans), for the values whose band is at most
+  `max_band_share` of the width of the column's middle 90%.
 
 False discoveries: a rule needs `min_support` rows that test it non-trivially (see `support` of
 each kind), and is dropped when a randomly shuffled copy of the column it depends on passes it
@@ -228,6 +229,8 @@ class _Miner:
                     continue  # already found (or a wider sum containing a found one)
                 # write it with the column generated last as the target (it is then derived)
                 last = max(cols, key=self.pos.get)
+                if last in self.derived:
+                    continue  # already derived by a dependency
                 if last != target:
                     coef = {t: sg for t, sg in zip(terms, signs)} | {target: -1}
                     flip = -coef[last]  # last = sum(coef_t * t) / -coef_last over the others
@@ -372,29 +375,34 @@ class _Miner:
 
     # ---- bands: a range per category ----------------------------------------------------------
     def bands(self, min_group: int = 5):
+        """B in [lo_v, hi_v] for the values v of A whose rows keep B within `max_band_share` of the
+        width of its middle 90% (other values leave B unconstrained): a rate band per sub-grade, a zero balance
+        for settled loans. One A per B: the one whose narrow bands cover the most rows."""
         cats = [n for n in self.cat if 2 <= self.nunique[n] <= self.max_categories]
         for b in self.num:
             s = self.df[b].drop_nulls()
-            if s.len() < self.min_support or s.n_unique() < 3:
+            if b in self.derived or s.len() < self.min_support or s.n_unique() < 3:
                 continue
-            width = float(s.max()) - float(s.min())
+            # the middle 90% of the column: a heavy tail (one large income) would make any band look narrow
+            width = float(s.quantile(0.95)) - float(s.quantile(0.05)) or float(s.max()) - float(s.min())
             best = None
             for a in cats:
-                if a in self.derived or b in self.derived:
+                if a in self.derived:
                     continue
                 g = (self.df.filter(pl.col(b).is_not_null()).group_by(a)
                      .agg(pl.col(b).min().alias("lo"), pl.col(b).max().alias("hi"), pl.len())
-                     .filter(pl.col("len") >= min_group))
-                if g.height < 2:
+                     .filter((pl.col("len") >= min_group) & ((pl.col("hi") - pl.col("lo")) <= self.max_band_share * width)))
+                covered = int(g["len"].sum())
+                if covered < self.min_support:
                     continue
-                share = float(((g["hi"] - g["lo"]) * g["len"]).sum()) / float(g["len"].sum()) / width
-                if share <= self.max_band_share and (best is None or share < best[0]):
+                share = float(((g["hi"] - g["lo"]) * g["len"]).sum()) / covered / width
+                if best is None or (covered, -share) > (best[0], -best[1]):
                     key = lambda r: (r[a] is None, str(r[a]))  # noqa: E731
                     bounds = {r[a]: (float(r["lo"]), float(r["hi"])) for r in sorted(g.iter_rows(named=True), key=key)}
-                    best = (share, a, bounds, int(g["len"].sum()))
+                    best = (covered, share, a, bounds)
             if best is not None:
-                _, a, bounds, support = best
-                self.add(RangeBy(b, a, bounds), "range_by", support, shuffle=a, min_violation=self.min_violation)
+                covered, _, a, bounds = best
+                self.add(RangeBy(b, a, bounds), "range_by", covered, shuffle=a, min_violation=self.min_violation)
 
     @property
     def derived(self) -> set[str]:
@@ -443,9 +451,36 @@ def mine(frame: pl.DataFrame, spec: TableSpec | None = None, *, min_support: int
 
 
 def derived_columns(rules: list[MinedRule]) -> dict[str, object]:
-    """Column -> the mined constraint that determines it (first one wins)."""
-    out = {}
+    """Column -> the mined constraint that determines it, in an order that computes every derived
+    column after the derived columns it reads. The first constraint per column wins, in rule order;
+    one that would close a cycle of derivations is left out (it stays a rule)."""
+    chosen: dict[str, object] = {}
+
+    def reaches(start: str, goal: str) -> bool:  # does `start` read `goal` through chosen derivations?
+        stack, seen = [start], set()
+        while stack:
+            col = stack.pop()
+            if col == goal:
+                return True
+            if col in seen or col not in chosen:
+                continue
+            seen.add(col)
+            stack.extend(chosen[col].columns[1:])
+        return False
+
     for r in rules:
-        if r.determines and r.determines not in out:
-            out[r.determines] = r.constraint
+        col = r.determines
+        if col and col not in chosen and not any(reaches(dep, col) for dep in r.constraint.columns[1:]):
+            chosen[col] = r.constraint
+    out: dict[str, object] = {}
+
+    def place(col: str):
+        if col not in out:
+            for dep in chosen[col].columns[1:]:
+                if dep in chosen:
+                    place(dep)
+            out[col] = chosen[col]
+
+    for col in chosen:
+        place(col)
     return out

@@ -493,7 +493,10 @@ class SumOf(_Relation):
         return total
 
     def derive_expr(self) -> pl.Expr:
+        """The sum, rounded to `decimals` when given (an Int64 for decimals 0, else a Float64)."""
         total = self.sum_expr()
+        if self.decimals == 0:
+            return total.round(0).cast(pl.Int64).alias(self.target)
         return (total if self.decimals is None else total.round(self.decimals)).alias(self.target)
 
     def _expr(self):

@@ -46,6 +46,7 @@ def _constraints():
         Implies("species", ("Adelie", "Chinstrap"), "sex", ("female", None)),
         MustBeNull("sex", "bill_length_mm", (None,)),
         MustNotBeNull("sex", "island", ("Dream",)),
+        MustNotBeNull("body_mass_g", "bill_length_mm", (None,), invert=True),  # present when bill_length is
         Range("bill_depth_mm", 15.0, 18.5),
         Range("mass_vs_4200", -900, 300),  # a negative range
         RangeBy("flipper_length_mm", "species", {"Adelie": (170, 200), "Gentoo": (205, 230)}),
@@ -61,7 +62,7 @@ def _constraints():
 
 
 TRUE_OF_THE_TABLE = {
-    "island_Biscoe_if_species_Gentoo", "sex_null_if_bill_length_mm_null", "bill_depth_mm_at_most_bill_length_mm",
+    "island_Biscoe_if_species_Gentoo", "sex_null_if_bill_length_mm_null", "body_mass_g_present_if_bill_length_mm_not_null", "bill_depth_mm_at_most_bill_length_mm",
     "body_mass_g_at_least_flipper_length_mm_when_island_Biscoe", "species_code_determined_by_species",
     "species_id_determined_by_species", "island_initial_determined_by_island",
     "bill_sum_is_bill_length_mm_plus_bill_depth_mm", "bill_length_mm_is_bill_sum_minus_bill_depth_mm"}
