@@ -263,24 +263,18 @@ def choose_rules(mined: list, spec: TableSpec, splits: dict[str, pl.DataFrame]):
     """Keep the mined rules that hold on every row of every split; pick the columns they derive.
 
     Returns (kept [(mined, pass rates)], dropped [(mined, pass rates)], derived {column: rule name}).
-    A column becomes derived when a kept rule determines it, none of that rule's inputs is derived,
-    and it is not an input of a derivation already chosen (so derivations never form a cycle)."""
-    kept, dropped, derived, inputs = [], [], {}, set()
+    Which kept rules derive a column is factory.mining.derived_columns' choice: the first rule per
+    column, never a cycle of derivations (a derived column may read one derived before it)."""
+    from factory.mining import derived_columns
+
+    kept, dropped = [], []
     for m in mined:
         rule = m.constraint.rule()
         rates = {s: _pass_rate(rule.expr, f) for s, f in splits.items()}
-        if min(rates.values()) < 1.0:
-            dropped.append((m, rates))
-            continue
-        kept.append((m, rates))
-        target = getattr(m.constraint, "determines", None)
-        if target is None or target in derived or target in inputs:
-            continue
-        reads = [c for c in m.constraint.columns if c != target]
-        if any(c in derived for c in reads):
-            continue
-        derived[target] = m.name
-        inputs.update(reads)
+        (kept if min(rates.values()) == 1.0 else dropped).append((m, rates))
+    chosen = derived_columns([m for m, _ in kept])
+    by_constraint = {id(m.constraint): m.name for m, _ in kept}
+    derived = {col: by_constraint[id(c)] for col, c in chosen.items()}
     return kept, dropped, derived
 
 

@@ -336,6 +336,10 @@ def test_mined_rules_become_derived_columns_decode_constraints_and_checks(here, 
         def message(self):
             return self.constraint.rule().message
 
+        @property
+        def determines(self):
+            return getattr(self.constraint, "determines", None)
+
     n = 200
     i = pl.int_range(0, n, eager=True)
     colour = pl.Series(["red", "green", None, "blue"] * (n // 4))
