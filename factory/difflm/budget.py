@@ -85,7 +85,11 @@ def _plan(rows, used, tokens, tier, lm, vae, steps, budget) -> Plan:
     settings = {"decoder": dict(sizes["decoder"]), "denoiser": dict(sizes["denoiser"]), "encoder": dict(sizes["encoder"]),
                 "lm_epochs": lm, "vae_epochs": vae, "diffusion_steps": steps, "lm_batch": batch, "vae_batch": batch,
                 "max_train_rows": 0 if used >= rows else used}
-    est = sum(estimate(used, tokens, tier, lm, vae, steps).values())
+    stages = estimate(used, tokens, tier, lm, vae, steps)
+    est = sum(stages.values())
+    # each stage's deadline in proportion to its estimate, so that overruns are shared, not left to diffusion
+    settings["budget_shares"] = [round(stages["lm"] / est, 3), round((stages["lm"] + stages["vae"]) / est, 3)]
+    settings["min_diffusion_steps"] = min(steps, 500)
     return Plan(settings, est, budget, tier, used)
 
 

@@ -49,6 +49,10 @@ class TrainConfig:
     # wall-time budget (0 = none): each stage stops once it overruns its share (factory/difflm/budget.py plans
     # the sizes to fit; this is the guard), and the log records that it did
     max_minutes: float = 0.0
+    # where the lm and vae stages must end, as shares of max_minutes (the plan sets them from its
+    # per-stage estimates, so a busier machine slows every stage alike instead of starving the last)
+    budget_shares: tuple = (0.45, 0.9)
+    min_diffusion_steps: int = 500  # the budget never stops diffusion before this many steps
     # stage 1: decoder LM
     lm_epochs: int = 10
     lm_batch: int = 64
@@ -146,7 +150,7 @@ class Trainer:
         """Has training overrun the end of `stage`'s share of `max_minutes` (lm 45%, vae 90%, diffusion 100%)?"""
         if not self.cfg.max_minutes:
             return False
-        share = {"lm": 0.45, "vae": 0.9, "diffusion": 1.0}[stage]
+        share = {"lm": self.cfg.budget_shares[0], "vae": self.cfg.budget_shares[1], "diffusion": 1.0}[stage]
         if time.time() - self.t0 <= share * self.cfg.max_minutes * 60:
             return False
         if stage not in self.stopped_early:
@@ -359,7 +363,8 @@ class Trainer:
                 self.log({"stage": "diffusion", "step": step + 1, "loss": run})
                 self._save_ckpt("diffusion", {"model": den.state_dict(), "opt": opt.state_dict(),
                                               "sched": sched.state_dict(), "rng": g.get_state(), "step": step + 1})
-            if (step + 1) % 100 == 0 and step + 1 < cfg.diffusion_steps and self.over_budget("diffusion"):
+            if ((step + 1) % 100 == 0 and cfg.min_diffusion_steps <= step + 1 < cfg.diffusion_steps
+                    and self.over_budget("diffusion")):
                 self.log({"stage": "diffusion", "step": step + 1, "loss": run})
                 break
         den.save_pretrained(self.out / "denoiser")
