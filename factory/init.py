@@ -405,7 +405,7 @@ def init_domain(name: str, source: Path, folder: Path | None = None, targets: tu
     """Write the domain folder; see the module docstring. Raises InitError on a user mistake."""
     from factory.checks.base import GateConfig
     from factory.checks.calibrate import calibrate
-    from factory.domain import builtin_domains
+    from factory.domain import available_domains, builtin_domains
 
     t0 = time.perf_counter()
     if not NAME_RE.match(name or ""):
@@ -415,6 +415,9 @@ def init_domain(name: str, source: Path, folder: Path | None = None, targets: tu
     folder = Path(folder) if folder is not None else Path.cwd() / "domains" / name
     if folder.name != name:
         raise InitError(f"--dir {folder}: the folder of domain {name!r} must be named {name!r}")
+    other = available_domains().get(name)
+    if other is not None and other.resolve() != folder.resolve():
+        raise InitError(f"domain name {name!r} is taken by {other}; choose another name")
     if folder.exists() and not force:
         raise InitError(f"{folder} exists; pass --force to replace it")
     source = Path(source)

@@ -195,6 +195,7 @@ def test_an_all_null_column_is_a_warning_and_is_excluded(here):
 def test_a_builtin_name_an_existing_folder_and_a_bad_target(here):
     mixed_table().write_csv(here / "m.csv")
     assert_user_error(invoke("init", "finance", "--from", "m.csv"), "built-in")
+    assert_user_error(invoke("init", "toy", "--from", "m.csv"), "taken by", "tests/domains/toy")  # FACTORY_DOMAINS_PATH
     assert_user_error(invoke("init", "9lives", "--from", "m.csv"), "letters, digits")
     assert_user_error(invoke("init", "m", "--from", "m.csv", "--target", "id"), "--target 'id'", "ID-like")
     assert_user_error(invoke("init", "m", "--from", "m.csv", "--target", "nope"), "no such column")
