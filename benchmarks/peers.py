@@ -1,7 +1,7 @@
-"""Peer benchmark on the finance domain: simple baselines and SDV 2.x synthesizers.
+"""Peer benchmark on a domain (default finance): simple baselines and SDV 2.x synthesizers.
 
-Every candidate is fitted on the real train split, samples `--n` rows of all 29 columns,
-and is scored by `factory.evaluate` against the real splits:
+Every candidate is fitted on the real train split, samples `--n` rows of all columns,
+and is scored by `factory.evaluate` against the real splits (finance: 29 columns):
 
 - marginal:        each column (all 29) sampled independently from the train split's empirical marginal
 - factory_baseline: factory.baseline.MarginalBaseline (generated columns only, independent
@@ -17,7 +17,10 @@ and is scored by `factory.evaluate` against the real splits:
 Needs:  pip install -e ".[eval,peers]"   (SDMetrics, XGBoost, SDV)
 Usage:  nice -n 10 python -m benchmarks.peers            # full run (CTGAN/TVAE 300 epochs, 10,000 rows)
         python -m benchmarks.peers --quick                # smoke test (2 epochs, 1,000 rows)
-Writes reports/benchmarks/peers.json and peers.md (or --out DIR).
+        python -m benchmarks.peers --domain NAME          # any domain, e.g. one made by `factory init`
+Writes reports/benchmarks/peers.json and peers.md (another domain: peers_NAME.json/.md; or --out DIR).
+The table's rule columns are finance's three accounting rules, or another domain's first three rules;
+its MLE columns follow the domain's mle_tasks.
 """
 from __future__ import annotations
 
@@ -45,13 +48,37 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from domains.finance.domain import DOMAIN  # noqa: E402
 from factory import evaluate as ev  # noqa: E402
+from factory.domain import load_domain  # noqa: E402
 from factory.report import fmt_number as fmt  # noqa: E402
 from schemas.columns import Categorical, Numeric, TableSpec  # noqa: E402
 
 ACCOUNTING_RULES = ("installment_matches_amortization", "paid_total_is_sum", "grade_matches_sub_grade")
 SDV_TABLE = "loans"
+DOMAIN = None  # set by main (--domain)
+
+
+def headline_rules(domain) -> tuple[str, ...]:
+    """Rules whose pass rates get a column: finance's accounting rules, else the first three."""
+    names = [r.name for r in domain.rules]
+    if all(n in names for n in ACCOUNTING_RULES):
+        return ACCOUNTING_RULES
+    return tuple(names[:3])
+
+
+def mle_columns(domain) -> list[tuple[str, str]]:
+    """(header, ratio key) per MLE task metric of the domain."""
+    try:
+        tasks = ev.mle_tasks(domain)
+    except KeyError:
+        return []
+    out = []
+    for t in tasks:
+        if t.kind == "regression":
+            out.append((f"MLE {t.name} R²", f"{t.name}.r2"))
+        else:
+            out += [(f"MLE {t.name} acc", f"{t.name}.accuracy"), (f"MLE {t.name} F1", f"{t.name}.macro_f1")]
+    return out
 
 
 # ---------------------------------------------------------------- simple references
@@ -183,7 +210,12 @@ def run(args) -> dict:
     print(f"train {train.height}, val {val.height}, test {test.height} rows; n={args.n}", flush=True)
 
     t0 = time.perf_counter()
-    real_mle = ev.mle(train, test, DOMAIN, n_estimators=args.n_estimators, seed=args.seed)
+    try:
+        ev.mle_tasks(DOMAIN)
+    except KeyError:
+        real_mle = None  # a domain without MLE tasks: evaluate reports the other metrics
+    else:
+        real_mle = ev.mle(train, test, DOMAIN, n_estimators=args.n_estimators, seed=args.seed)
     print(f"real-train MLE reference ({time.perf_counter() - t0:.1f}s): {real_mle}", flush=True)
 
     results = {}
@@ -259,7 +291,8 @@ def run(args) -> dict:
         else:
             raise SystemExit(f"unknown model {name!r}")
 
-    return {"real_mle": real_mle, "results": results}
+    return {"real_mle": real_mle, "results": results,
+            "rows": {"train": train.height, "val": val.height, "test": test.height}}
 
 
 def markdown(report: dict) -> str:
@@ -272,8 +305,11 @@ def markdown(report: dict) -> str:
                   ["- evaluation setup (`factory report --compare` checks it against the run's): "
                    + json.dumps(setups[0])] if len(setups) == 1 else
                   [f"- evaluation setups DIFFER between candidates: {json.dumps(setups)}"])
+    rules = headline_rules(DOMAIN)
+    mles = mle_columns(DOMAIN)
+    ncols = len(DOMAIN.spec.names)
     lines = [
-        "# Peer benchmark: finance domain",
+        f"# Peer benchmark: {DOMAIN.name} domain",
         "",
         f"- date: {h['date']}",
         f"- command: `{h['command']}`",
@@ -289,13 +325,13 @@ def markdown(report: dict) -> str:
         f"- total runtime: {h['total_seconds']:.0f} s",
         *setup_line,
         "",
-        "Every candidate is fitted on the real train split (7,997 rows) and scored against the real test "
-        "split (1,001 rows). SDV models generate all 29 columns, including the derived ones; their raw "
-        "output is evaluated as is.",
+        f"Every candidate is fitted on the real train split ({h['rows']['train']:,} rows) and scored against the "
+        f"real test split ({h['rows']['test']:,} rows). SDV models generate all {ncols} columns, including the "
+        "derived ones; their raw output is evaluated as is.",
         "",
-        "| candidate | rows | fit s | sample s | valid (all rules) | installment | paid_total | grade | "
-        "shapes | pair trends | MLE rate R² | MLE grade acc | MLE grade F1 | exact copies | DCR median |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| candidate | rows | fit s | sample s | valid (all rules) | " + "".join(f"{r} | " for r in rules)
+        + "shapes | pair trends | " + "".join(f"{m} | " for m, _ in mles) + "exact copies | DCR median |",
+        "|---|" + "---:|" * (8 + len(rules) + len(mles)),
     ]
     res = report["results"]
     for name, r in res.items():
@@ -304,33 +340,34 @@ def markdown(report: dict) -> str:
         ratio = (r["mle"] or {}).get("ratio", {})
         lines.append("| " + " | ".join([
             name, fmt(r["n_rows"]), fmt(r["fit_seconds"], 1), fmt(r["sample_seconds"], 1), fmt(rv["valid_rate"]),
-            *[fmt(rv["rules"][k]) for k in ACCOUNTING_RULES],
+            *[fmt(rv["rules"][k]) for k in rules],
             fmt(q.get("column_shapes")), fmt(q.get("column_pair_trends")),
-            fmt(ratio.get("interest_rate.r2")), fmt(ratio.get("grade.accuracy")), fmt(ratio.get("grade.macro_f1")),
+            *[fmt(ratio.get(k)) for _, k in mles],
             fmt(r["privacy"]["exact_copies"]), fmt(r["privacy"]["dcr"]["median"], 4),
         ]) + " |")
-    rm = report["real_mle"]
+    rm = report["real_mle"] or {}
     ref = next(iter(res.values()))["privacy"]["dcr_reference"] if res else {}
+    refs = ", ".join(f"{m.replace('MLE ', '')} {fmt(rm.get(k.split('.')[0], {}).get(k.split('.')[1]))}"
+                     for m, k in mles)
     lines += [
         "",
-        "Columns: *valid* = share of rows passing every schema check and rule; *installment*, *paid_total*, "
-        "*grade* = pass rates of installment_matches_amortization, paid_total_is_sum, grade_matches_sub_grade; "
-        "*shapes*, *pair trends* = SDMetrics QualityReport properties against the real test split ("
-        + ("some candidates subsampled, see peers.json" if any((r["quality"] or {}).get("subsampled") for r in res.values())
+        "Columns: *valid* = share of rows passing every schema check and rule; "
+        + (f"{', '.join(f'*{r}*' for r in rules)} = pass rates of those rules; " if rules else "")
+        + "*shapes*, *pair trends* = SDMetrics QualityReport properties against the real test split ("
+        + ("some candidates subsampled, see the JSON" if any((r["quality"] or {}).get("subsampled") for r in res.values())
            else "no subsampling") + "); "
         "MLE = XGBoost score on the real test split when trained on the candidate, divided by the score when "
-        "trained on the real train split; *exact copies* = candidate rows identical to a train row on all 29 "
+        f"trained on the real train split; *exact copies* = candidate rows identical to a train row on all {ncols} "
         "columns; *DCR* = distance to the closest train row (mean per-column distance: min-max scaled numerics, "
         "0/1 categoricals, null indicators).",
         "",
-        f"References: real-train MLE scores: interest_rate R² {fmt(rm['interest_rate']['r2'])}, grade accuracy "
-        f"{fmt(rm['grade']['accuracy'])}, grade macro-F1 {fmt(rm['grade']['macro_f1'])} "
-        "(features: all columns except the target and sub_grade, grade/interest_rate, installment). "
-        f"DCR of the real test split to train: p1 {fmt(ref.get('p1'), 4)}, p5 {fmt(ref.get('p5'), 4)}, "
+        (f"References: real-train MLE scores: {refs} (features: all columns except the target and each task's "
+         "exclude list). " if mles else "")
+        + f"DCR of the real test split to train: p1 {fmt(ref.get('p1'), 4)}, p5 {fmt(ref.get('p5'), 4)}, "
         f"median {fmt(ref.get('median'), 4)}.",
         "",
         "real_test is the reference itself: quality and MLE are not defined for it; real_val (held-out real "
-        "data, 999 rows) is the ceiling for quality and MLE (its MLE is trained on 999 rows only).",
+        f"data, {h['rows']['val']:,} rows) is the ceiling for quality and MLE (its MLE is trained on those rows only).",
         "",
     ]
     return "\n".join(lines)
@@ -348,7 +385,10 @@ def main(argv=None):
                    default=["marginal", "factory_baseline", "shuffled_train", "gaussian_copula", "ctgan", "tvae", "real_val", "real_test"])
     p.add_argument("--quick", action="store_true", help="smoke test: 2 epochs, 1,000 rows, 50 trees")
     p.add_argument("--out", type=Path, default=ROOT / "reports" / "benchmarks")
+    p.add_argument("--domain", default="finance", help="domain to benchmark (default finance)")
     args = p.parse_args(argv)
+    global DOMAIN
+    DOMAIN = load_domain(args.domain)
     if args.quick:
         args.n, args.ctgan_epochs, args.tvae_epochs, args.n_estimators = 1_000, 2, 2, 50
 
@@ -365,6 +405,8 @@ def main(argv=None):
                    "models": args.models},
     }
     out = run(args)
+    header["rows"] = out.pop("rows")
+    header["domain"] = DOMAIN.name
     header["total_seconds"] = round(time.perf_counter() - t0, 1)
     end = git_commit()
     if end != header["git_commit"]:
@@ -372,9 +414,10 @@ def main(argv=None):
     header["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
     report = {"header": header, **out}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "peers.json").write_text(json.dumps(report, indent=1) + "\n")
-    (args.out / "peers.md").write_text(markdown(report))
-    print(f"wrote {args.out / 'peers.json'} and {args.out / 'peers.md'} ({header['total_seconds']:.0f}s)")
+    stem = "peers" if DOMAIN.name == "finance" else f"peers_{DOMAIN.name}"
+    (args.out / f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
+    (args.out / f"{stem}.md").write_text(markdown(report))
+    print(f"wrote {args.out / f'{stem}.json'} and {args.out / f'{stem}.md'} ({header['total_seconds']:.0f}s)")
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from rich.text import Text
 from factory.checks.base import GateError
 from factory.checks.gate import EXIT_CODE as GATE_EXIT_CODE
 from factory.checks.gate import GateFailed, check_rows
-from factory.domain import DomainError, available_domains, load_domain
+from factory.domain import DomainError, available_domains, load_domain, search_paths
 from factory.export import ExportError, check_target, export_run, manifest_path
 from factory.files import WriteError, atomic_write_text
 from factory.generators import GENERATORS, GeneratorError, default_model, load_generator
@@ -501,6 +501,38 @@ def sql(query: str = typer.Argument(..., help="SQL to run (read-only)"),
     with Store(db, read_only=True) as store:
         df = store.query(query)
     print_frame(df, max_rows=max_rows, fmt=fmt)
+
+
+@app.command("init")
+@user_errors
+def init_cmd(name: str = typer.Argument(..., help="name of the new domain (letters, digits, _)"),
+             source: Path = typer.Option(..., "--from", help="the real table: a .csv or .parquet file"),
+             folder: Optional[Path] = typer.Option(None, "--dir", help="domain folder to write "
+                                                   "(default: ./domains/NAME, which the CLI finds)"),
+             target: list[str] = typer.Option([], "--target", help="a column to predict in the MLE evaluation "
+                                              "(repeatable)"),
+             force: bool = typer.Option(False, "--force", help="replace an existing domain folder"),
+             max_minutes: float = typer.Option(20.0, "--max-minutes", help="training budget written to the "
+                                               "domain's settings (factory train keeps to it)")):
+    """Make a domain from a CSV or Parquet table: inferred columns, mined rules, real splits,
+    calibrated gates, all in an editable domain.toml (see README, "Bring your own table")."""
+    from factory.init import InitError, init_domain
+
+    if max_minutes <= 0:
+        fail(f"--max-minutes must be positive, got {max_minutes:g}")
+    try:
+        r = init_domain(name, source, folder, tuple(target), force, budget_minutes=max_minutes,
+                        log=lambda m: err.print(Text(m, style="yellow" if m.startswith("warning") else "")))
+    except InitError as e:
+        fail(str(e))
+    out.print(f"wrote domain {name!r} to {r.path} in {r.seconds:.1f} s: {r.columns} columns "
+              f"({len(r.derived)} derived: {', '.join(r.derived) or 'none'}), {len(r.excluded)} excluded, "
+              f"{r.rules} rules ({r.decode} enforced while decoding, {r.dropped} dropped: broken on val/test)",
+              soft_wrap=True)
+    on_path = any(r.path.parent.resolve() == p.resolve() for p in search_paths() if p.exists())
+    hint = "" if on_path else f" (first add {r.path.parent} to FACTORY_DOMAINS_PATH)"
+    out.print(f"review {r.path / 'domain.toml'} and {r.path / 'RULES.md'}, then: "
+              f"factory train --domain {name}{hint}", soft_wrap=True)
 
 
 # `factory train` lives in its own module (it needs torch); register it when present.

@@ -1,9 +1,10 @@
-"""A domain is a folder: `domains/<name>/domain.py` defines `DOMAIN = Domain(...)`.
+"""A domain is a folder: `domains/<name>/domain.py` defines `DOMAIN = Domain(...)`, or
+`domains/<name>/domain.toml` declares it (factory/domain_file.py; `factory init` writes one).
 
 The engine is domain-agnostic: it only ever talks to a `Domain`. Domains are
-discovered under the built-in `domains/` folder and under every folder listed in
-the FACTORY_DOMAINS_PATH environment variable (os.pathsep-separated), which is
-how tests plug in a second domain.
+discovered under every folder listed in the FACTORY_DOMAINS_PATH environment variable
+(os.pathsep-separated), under `./domains` of the working directory (where `factory init`
+writes), and under the built-in `domains/` folder, in that order.
 
 A domain's settings (`config.json`, read with `load_config`) are checked when the domain
 loads: a wrong type, an out-of-range value or an unknown key is a DomainError that names
@@ -26,6 +27,7 @@ from typing import Callable
 
 import polars as pl
 
+from factory.domain_file import DOMAIN_FILE, build_domain
 from factory.rules import Rule, Validator, rule_set_hash
 from factory.serializer import Serializer
 from schemas.columns import TableSpec
@@ -116,7 +118,17 @@ class Domain:
 
 def search_paths() -> list[Path]:
     extra = [Path(p) for p in os.environ.get("FACTORY_DOMAINS_PATH", "").split(os.pathsep) if p]
-    return extra + [BUILTIN_DOMAINS]
+    out, seen = [], set()
+    for p in extra + [Path.cwd() / "domains", BUILTIN_DOMAINS]:
+        key = p.resolve() if p.exists() else p
+        if key not in seen:
+            seen.add(key)
+            out.append(p)
+    return out
+
+
+def _is_domain_folder(d: Path) -> bool:
+    return (d / "domain.py").is_file() or (d / DOMAIN_FILE).is_file()
 
 
 def available_domains() -> dict[str, Path]:
@@ -124,12 +136,16 @@ def available_domains() -> dict[str, Path]:
     for base in search_paths():
         if base.is_dir():
             for d in sorted(base.iterdir()):
-                if (d / "domain.py").is_file() and d.name not in found:
+                if d.is_dir() and _is_domain_folder(d) and d.name not in found:
                     found[d.name] = d
     return found
 
 
-_cache: dict[Path, Domain] = {}
+def builtin_domains() -> set[str]:
+    return {d.name for d in BUILTIN_DOMAINS.iterdir() if d.is_dir() and _is_domain_folder(d)}
+
+
+_cache: dict = {}  # folder (domain.py) or (folder, mtime of domain.toml) -> Domain
 
 
 def load_domain(name: str) -> Domain:
@@ -137,9 +153,18 @@ def load_domain(name: str) -> Domain:
     if name not in found:
         folders = [base / name for base in search_paths() if (base / name).is_dir()]
         if folders:
-            raise DomainError(f"{folders[0]} is not a domain: it has no domain.py")
+            raise DomainError(f"{folders[0]} is not a domain: it has no domain.py or {DOMAIN_FILE}")
         raise DomainError(f"unknown domain {name!r}; available: {', '.join(sorted(found)) or 'none'}")
     path = found[name].resolve()
+    if not (path / "domain.py").is_file():  # a declarative domain (domain.toml): reloaded when edited
+        key = (path, (path / DOMAIN_FILE).stat().st_mtime_ns)
+        if key not in _cache:
+            domain = build_domain(path)
+            if domain.name != name:
+                raise DomainError(f"{path / DOMAIN_FILE} declares a domain named {domain.name!r}; "
+                                  f"its folder is {name!r}: the two must be the same")
+            _cache[key] = domain
+        return _cache[key]
     if path in _cache:
         return _cache[path]
     if path.parent == BUILTIN_DOMAINS.resolve():

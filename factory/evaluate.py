@@ -120,28 +120,14 @@ class MLETask:
     exclude: tuple[str, ...] = ()
 
 
-# Tasks per domain. Excluded columns are the ones that trivially leak the target:
-# - interest_rate: sub_grade and grade (the rate card maps sub_grade to a narrow rate band),
-#   installment (with loan_amount and term it is the amortization of exactly that rate);
-# - grade: sub_grade (its first letter), interest_rate (rate bands do not overlap across
-#   grades), installment (reveals the rate as above).
-# paid_interest, paid_total and balance stay in: they depend on the rate only through an
-# unknown repayment history.
-MLE_TASKS: dict[str, tuple[MLETask, ...]] = {
-    "finance": (
-        MLETask("interest_rate", "interest_rate", "regression", ("sub_grade", "grade", "installment")),
-        MLETask("grade", "grade", "classification", ("sub_grade", "interest_rate", "installment")),
-    ),
-}
-
-
 def mle_tasks(domain) -> tuple[MLETask, ...]:
+    """The domain's MLE tasks: its settings' `mle_tasks` (finance: config.json; an init domain:
+    domain.toml, proposed from `factory init --target`). None is a KeyError."""
     cfg = (domain.config or {}).get("mle_tasks")
     if cfg:
         return tuple(MLETask(t["name"], t["target"], t["kind"], tuple(t.get("exclude", ()))) for t in cfg)
-    if domain.name in MLE_TASKS:
-        return MLE_TASKS[domain.name]
-    raise KeyError(f"no MLE tasks for domain {domain.name!r} (set config['mle_tasks'])")
+    raise KeyError(f"no MLE tasks for domain {domain.name!r} (set mle_tasks in its settings, "
+                   f"or pass --target to factory init)")
 
 
 def _features(frame: pl.DataFrame, spec: TableSpec, names: list[str]) -> pd.DataFrame:

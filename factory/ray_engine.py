@@ -117,8 +117,13 @@ class RayEngine:
 
     def _env(self) -> dict[str, str]:
         env = {"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "TOKENIZERS_PARALLELISM": "false"}
-        if "FACTORY_DOMAINS_PATH" in os.environ:
-            env["FACTORY_DOMAINS_PATH"] = os.environ["FACTORY_DOMAINS_PATH"]
+        # workers do not start in the driver's directory: give them every folder the driver finds
+        # domains in (FACTORY_DOMAINS_PATH and ./domains, where `factory init` writes), resolved
+        from factory.domain import search_paths
+
+        found = [str(p.resolve()) for p in search_paths() if p.is_dir()]
+        if found:
+            env["FACTORY_DOMAINS_PATH"] = os.pathsep.join(found)
         return env
 
     def _start(self, ray):

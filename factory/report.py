@@ -144,9 +144,22 @@ def _fmt(v) -> str:
 
 
 COMPARE_HINT = "factory report RUN_ID --compare reports/benchmarks/peers.json"
-# Bars of the comparison chart: (label, key of _scores); the domain's MLE ratios follow these.
+# Bars of the comparison chart: (label, key of _scores); the MLE bars follow the domain's tasks.
 CHART_SCORES = (("pass every rule", "valid_rate"), ("column shapes", "column_shapes"),
                 ("pair trends", "column_pair_trends"))
+MLE_CHART_METRIC = {"regression": ("r2", "R²"), "classification": ("accuracy", "accuracy")}
+
+
+def chart_scores(domain) -> tuple:
+    """CHART_SCORES plus one bar per MLE task of the domain (its R² or accuracy ratio)."""
+    from factory.evaluate import mle_tasks
+
+    try:
+        tasks = mle_tasks(domain)
+    except KeyError:
+        tasks = ()
+    return CHART_SCORES + tuple((f"MLE ratio {t.name} {MLE_CHART_METRIC[t.kind][1]}",
+                                 f"mle.{t.name}.{MLE_CHART_METRIC[t.kind][0]}") for t in tasks)
 
 
 def load_peers(path: Path, domain: str) -> dict:
@@ -251,7 +264,7 @@ def fmt_number(v, digits: int = 3) -> str:
     return f"{v:.{digits}f}"
 
 
-def _comparison_html(comp: dict) -> str:
+def _comparison_html(comp: dict, bars: tuple = CHART_SCORES) -> str:
     src = comp["source"]
     mle_keys = list(dict.fromkeys(k for c in comp["candidates"] for k in c["scores"] if k.startswith("mle.")))
     head = ["candidate", "numbers from", "rows", "pass every rule", "column shapes", "pair trends",
@@ -282,20 +295,18 @@ exactly like this run's: same splits, rule set, metric code and settings (<code>
 the same number of rows, and identical real references (real-train MLE scores, DCR of the real test split).
 Anything else is named there. MLE ratio = XGBoost score on the real test split when trained on the
 candidate / when trained on the real train split; DCR = distance to the closest training row.</p>
-{table}<ul style="font-size:12px">{notes}</ul>{_comparison_plot(comp)}"""
+{table}<ul style="font-size:12px">{notes}</ul>{_comparison_plot(comp, bars)}"""
 
 
-def _comparison_plot(comp: dict) -> str:
+def _comparison_plot(comp: dict, bars: tuple = CHART_SCORES) -> str:
     import matplotlib.pyplot as plt
 
     names = [c["candidate"] for c in comp["candidates"]][::-1]
-    mle = list(dict.fromkeys(k for c in comp["candidates"] for k in c["scores"] if k.startswith("mle.")))
-    scores = [*CHART_SCORES, *((f"MLE ratio {k[4:]}", k) for k in mle)]
-    fig, axes = plt.subplots(len(scores), 1, figsize=(MAX_PLOT_PX / 72, len(scores) * (0.3 * len(names) + 0.9)),
+    fig, axes = plt.subplots(len(bars), 1, figsize=(MAX_PLOT_PX / 72, len(bars) * (0.3 * len(names) + 0.9)),
                              squeeze=False)
     axes = axes[:, 0]
     fig.subplots_adjust(hspace=0.9)
-    for ax, (label, key) in zip(axes, scores):
+    for ax, (label, key) in zip(axes, bars):
         vals = [c["scores"].get(key) for c in comp["candidates"]][::-1]
         colors = ["#d62728" if n.startswith("this run") else "#999999" if n.startswith("real_") else "#1f77b4"
                   for n in names]  # the run red, real-data references grey, generators blue
@@ -389,7 +400,7 @@ def build_report(store, domain, run_id: str, synth: pl.DataFrame, out_dir: Path,
                 "peer's row scores what that peer wrote (see its note), unfiltered")
     metrics["comparison"] = comparison(metrics, peers, run_note) if peers else {
         "included": False, "how": f"not included: no peer metrics given ({COMPARE_HINT})"}
-    comparison_html = _comparison_html(metrics["comparison"]) if peers else (
+    comparison_html = _comparison_html(metrics["comparison"], chart_scores(domain)) if peers else (
         f"<p>Not included: this report was made without peer metrics. Made with <code>{html.escape(COMPARE_HINT)}"
         "</code>, this section shows the run next to the baselines and SDV models, scored the same way.</p>")
     counts = store.rejection_counts(run_id)

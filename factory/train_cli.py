@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 import uuid
 from datetime import datetime, timezone
@@ -18,17 +19,39 @@ CREATE TABLE IF NOT EXISTS train_log (
 """
 
 
+def progress_line(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _plan(dom, cfg_dict: dict):
+    """The budget plan for this domain's train split (rows) and record length (tokens)."""
+    from factory.difflm.budget import plan
+    from factory.difflm.tokenizer import SchemaTokenizer
+
+    rows = dom.load_split("train").height
+    if cfg_dict.get("max_train_rows"):
+        rows = min(rows, cfg_dict["max_train_rows"])
+    tokens = SchemaTokenizer(dom.spec, dom.spec.generated_names).length
+    minutes = cfg_dict["max_minutes"]
+    if not isinstance(minutes, (int, float)) or isinstance(minutes, bool) or minutes <= 0:
+        raise ValueError(f"max_minutes must be a positive number, got {minutes!r}")
+    return plan(rows, tokens, float(minutes))
+
+
 def _now():
     return datetime.now(timezone.utc).replace(tzinfo=None)
 
 
 def train(domain: str, config: Path | None, out: Path | None, resume: bool, db: Path | None, quiet: bool = False,
-          device: str | None = None):
-    """`device` (cpu, cuda or auto) overrides the config's `device` (default cpu)."""
+          device: str | None = None, max_minutes: float | None = None):
+    """`device` (cpu, cuda or auto) overrides the config's `device` (default cpu). `max_minutes` (or the
+    settings' `max_minutes`) plans model size, epochs, batch size and rows to fit that budget
+    (factory/difflm/budget.py); keys the settings set explicitly keep their values."""
     import duckdb
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from factory.difflm.device import resolve_device
+    from factory.difflm.budget import merge
     from factory.difflm.train import TrainConfig, Trainer
     from factory.domain import load_domain
 
@@ -38,10 +61,18 @@ def train(domain: str, config: Path | None, out: Path | None, resume: bool, db: 
 
     dom = load_domain(domain)
     where = str(config) if config else f"{dom.root / 'config.json'}: section train"
-    cfg_dict = read_json_object(config) if config else dom.config.get("train", {})
+    cfg_dict = read_json_object(config) if config else dict(dom.config.get("train", {}))
     if device is not None:
         cfg_dict = {**cfg_dict, "device": device}
+    if max_minutes is not None:
+        cfg_dict = {**cfg_dict, "max_minutes": max_minutes}
+    plan = None
+    if cfg_dict.get("max_minutes"):
+        plan = _plan(dom, cfg_dict)
+        cfg_dict = merge(plan.settings, cfg_dict)
     cfg = TrainConfig.from_dict(cfg_dict, where)
+    if plan is not None and not quiet:
+        progress_line(f"training plan: {plan.describe()}")
     resolve_device(cfg.device)  # a DeviceError before the run is recorded or any data is loaded
     out = out or dom.model_dir
     if resume and not staging_dir(Path(out)).is_dir():
@@ -66,16 +97,29 @@ def train(domain: str, config: Path | None, out: Path | None, resume: bool, db: 
             con.execute("INSERT INTO train_log VALUES (?, ?, ?, ?, ?, ?)",
                         [train_id, _now(), rec.get("stage"), rec.get("epoch"), rec.get("step"), json.dumps(rec)])
         if not quiet and rec.get("stage") != "done":
-            progress.console.print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in rec.items()})
+            shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in rec.items()}
+            if sys.stderr.isatty():
+                progress.console.print(shown)
+            else:  # one line per record in logs and CI, not a pretty-printed block
+                progress_line(json.dumps(shown))
 
+    t = time.time()
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   disable=quiet) as progress:
         task = progress.add_task("starting", total=None)
 
+        last = {"desc": None, "t": 0.0}
+        piped = not quiet and not sys.stderr.isatty()
+
         def on_progress(desc: str, done: int, total: int):
             progress.update(task, description=desc, completed=done, total=total)
+            # no live bar when output is not a terminal: a plain line per stage, and every 30 s
+            now = time.time()
+            if piped and (desc != last["desc"] or now - last["t"] >= 30 or done == total):
+                if desc != last["desc"] or now - last["t"] >= 30:
+                    progress_line(f"{desc}: {done:,}/{total:,} ({(now - t) / 60:.1f} min)")
+                    last.update(desc=desc, t=now)
 
-        t = time.time()
         try:
             summary = Trainer(dom, cfg, out, log=log, progress=on_progress).run(resume=resume)
         except BaseException:
@@ -92,7 +136,7 @@ def train(domain: str, config: Path | None, out: Path | None, resume: bool, db: 
 def register(app: typer.Typer):
     @app.command("train")
     def train_cmd(
-        domain: str = typer.Option(..., "--domain", help="domain to train"),
+        domain: str = typer.Option(..., "--domain", "-d", help="domain to train"),
         config: Path = typer.Option(None, "--config", help="JSON training config (default: the domain's config.json 'train' section)"),
         out: Path = typer.Option(None, "--out", help="output folder (default: domains/<name>/model)"),
         resume: bool = typer.Option(False, "--resume", help="continue from the last checkpoint in --out"),
@@ -100,6 +144,9 @@ def register(app: typer.Typer):
         quiet: bool = typer.Option(False, "--quiet"),
         device: str = typer.Option(None, "--device", help="cpu, cuda or auto (cuda if torch sees a GPU); "
                                    "default: the config's 'device', else cpu"),
+        max_minutes: float = typer.Option(None, "--max-minutes", help="time budget: model size, epochs, batch "
+                                          "size and rows follow the table's shape to fit it (default: the "
+                                          "settings' max_minutes, else none)"),
     ):
         """Train a domain's DiffLM stack (decoder LM, beta-VAE, latent diffusion).
 
@@ -108,9 +155,12 @@ def register(app: typer.Typer):
         from factory.cli import fail, user_errors
         from factory.difflm.config import ModelError
         from factory.difflm.device import DeviceError
+        from factory.domain import DomainError
 
+        if max_minutes is not None and max_minutes <= 0:
+            fail(f"--max-minutes must be positive, got {max_minutes:g}")
         try:
-            summary, secs = user_errors(train)(domain, config, out, resume, db, quiet, device)
-        except (DeviceError, ModelError) as e:
+            summary, secs = user_errors(train)(domain, config, out, resume, db, quiet, device, max_minutes)
+        except (DeviceError, ModelError, DomainError) as e:
             fail(str(e))
         typer.echo(f"trained {domain} stack in {secs / 60:.1f} min -> {out or 'domains/' + domain + '/model'}")

@@ -138,7 +138,11 @@ def main(argv: list[str] | None = None) -> None:
         for n, r in res.items():
             print(f"holdout subsamples of {n:>5}: {r['refused']} of {r['runs']} refused {r['checks_failed'] or ''}")
     print(f"near_copy_dcr {gates['privacy']['near_copy_dcr']} (test DCR p1 {gates['calibration']['reference_dcr_p1']})")
-    if args.write:
+    if args.write and (domain.root / "domain.toml").is_file() and not (domain.root / "domain.py").is_file():
+        from factory.domain_file import update_settings  # a declarative domain keeps its settings there
+
+        print(f"wrote {update_settings(domain.root, 'gates', gates)}")
+    elif args.write:
         path = domain.root / "config.json"
         config = json.loads(path.read_text()) if path.exists() else {}
         config["gates"] = gates

@@ -35,8 +35,9 @@ def model_checksum(path: Path) -> str:
 
 def observed_max_constraints(domain, constraints=()) -> list:
     """Cap each generated numeric column at its maximum in the domain's train split (SDV's
-    `enforce_min_max_values`), as `RangeBy` decode constraints keyed on the first generated
-    categorical column (same bounds for every value; columns decoded before it stay uncapped).
+    `enforce_min_max_values`), as one `Range(column, spec lo, train max)` decode constraint per
+    column, which applies to every row (earlier versions keyed the caps on the first categorical
+    column, so numeric columns before it, and rows where it was null, escaped them).
 
     Why: a handful of decodes per 10,000 put mass on an impossible leading digit chunk
     (paid_interest 90,009 on a 9,000 loan; train max 4,206). Such rows pass every rule but wreck
@@ -48,22 +49,19 @@ def observed_max_constraints(domain, constraints=()) -> list:
     hook, if it has one (finance: paid_interest, derived from a latent gap to the schedule, went
     up to 8,666 without it, and 10k-record pair trends fell 0.918 -> 0.894).
     """
-    from schemas.columns import Categorical, Numeric
-    from schemas.constraints import AtLeast, RangeBy
+    from schemas.columns import Numeric
+    from schemas.constraints import AtLeast, Range
 
     spec, names = domain.spec, domain.spec.generated_names
-    by = next((n for n in names if isinstance(spec[n], Categorical)), None)
-    if by is None:
-        return []
     records = domain.load_split("train")
     train = domain.to_generated(records)
-    caps = {n: train[n].max() for n in names[names.index(by) + 1:]
+    caps = {n: train[n].max() for n in names
             if isinstance(spec[n], Numeric) and train[n].null_count() < train.height}
     for c in constraints:
         if isinstance(c, AtLeast) and c.column in caps and caps.get(c.other) is not None:
             caps[c.column] = max(caps[c.column], caps[c.other])
-    values = spec[by].values
-    out = [RangeBy(n, by, {v: (spec[n].lo, float(m)) for v in values}) for n, m in caps.items() if m is not None]
+    out = [Range(n, spec[n].lo, min(float(m), spec[n].hi), name=f"{n}_at_most_train_max",
+                 message=f"{n} must not exceed its train maximum {m}") for n, m in caps.items() if m is not None]
     if domain.derived_caps is not None:
         derived = {c.name: float(records[c.name].max()) for c in spec.columns
                    if isinstance(c, Numeric) and c.derived and records[c.name].null_count() < records.height}

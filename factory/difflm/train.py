@@ -14,8 +14,10 @@ so the CPU path is unchanged and a checkpoint resumes on either device.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -43,7 +45,14 @@ class TrainConfig:
     injector_hidden: int = 256
     denoiser: DenoiserConfig = field(default_factory=DenoiserConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
-    max_train_rows: int = 0  # 0 = all; tests use a few hundred
+    max_train_rows: int = 0  # 0 = all; else a seeded sample of this many train rows (tests use a few hundred)
+    # wall-time budget (0 = none): each stage stops once it overruns its share (factory/difflm/budget.py plans
+    # the sizes to fit; this is the guard), and the log records that it did
+    max_minutes: float = 0.0
+    # where the lm and vae stages must end, as shares of max_minutes (the plan sets them from its
+    # per-stage estimates, so a busier machine slows every stage alike instead of starving the last)
+    budget_shares: tuple = (0.45, 0.9)
+    min_diffusion_steps: int = 500  # the budget never stops diffusion before this many steps
     # stage 1: decoder LM
     lm_epochs: int = 10
     lm_batch: int = 64
@@ -87,6 +96,33 @@ class TrainConfig:
         return cfg
 
 
+def _sample(frame, n: int, seed: int):
+    """A seeded sample of n rows, in their original order (a split's head may be one corner of the table)."""
+    if frame.height <= n:
+        return frame
+    idx = torch.randperm(frame.height, generator=torch.Generator().manual_seed(seed))[:n].sort().values
+    return frame[idx.numpy()]
+
+
+def encoder_cache_dir() -> Path:
+    """FACTORY_CACHE_DIR, else $XDG_CACHE_HOME/factory, else ~/.cache/factory (never inside a model folder)."""
+    if os.environ.get("FACTORY_CACHE_DIR"):
+        return Path(os.environ["FACTORY_CACHE_DIR"])
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "factory"
+
+
+def encoder_cache_path(texts: dict[str, list[str]], enc_cfg: EncoderConfig) -> Path:
+    h = hashlib.sha256(json.dumps(asdict(enc_cfg) | {"latent_dim": None, "lora_r": None, "lora_alpha": None},
+                                  sort_keys=True).encode())
+    for split in sorted(texts):
+        h.update(split.encode())
+        for t in texts[split]:
+            h.update(t.encode())
+            h.update(b"\n")
+    return encoder_cache_dir() / "encoder" / f"{h.hexdigest()[:24]}.pt"
+
+
 def _batches(n: int, size: int, g: torch.Generator | None):
     order = torch.randperm(n, generator=g) if g is not None else torch.arange(n)
     for i in range(0, n, size):
@@ -109,12 +145,27 @@ class Trainer:
         self.tok = SchemaTokenizer(domain.spec, self.columns)
         train, val = (domain.to_generated(domain.load_split(s)) for s in ("train", "val"))
         if cfg.max_train_rows:
-            train, val = train.head(cfg.max_train_rows), val.head(max(32, cfg.max_train_rows // 8))
+            train, val = _sample(train, cfg.max_train_rows, cfg.seed), _sample(val, max(32, cfg.max_train_rows // 8), cfg.seed)
         self.frames = {"train": train, "val": val}
         self.ids = {k: self.tok.encode(v) for k, v in self.frames.items()}
         cfg.decoder.vocab_size, cfg.decoder.seq_len = self.tok.vocab_size, self.tok.length
         cfg.encoder.latent_dim = cfg.denoiser.latent_dim
         self.t0 = time.time()
+        self.stopped_early: list[str] = []  # stages cut short by the time budget
+
+    def over_budget(self, stage: str) -> bool:
+        """Has training overrun the end of `stage`'s share of `max_minutes` (budget_shares; diffusion 97%)?"""
+        if not self.cfg.max_minutes:
+            return False
+        # diffusion ends a little early: saving the stack and starting the process take time too
+        share = {"lm": self.cfg.budget_shares[0], "vae": self.cfg.budget_shares[1], "diffusion": 0.97}[stage]
+        if time.time() - self.t0 <= share * self.cfg.max_minutes * 60:
+            return False
+        if stage not in self.stopped_early:
+            self.stopped_early.append(stage)
+            self.log({"stage": stage, "budget": f"stopped early: past {share:.0%} of the "
+                                                f"{self.cfg.max_minutes:g}-minute budget"})
+        return True
 
     def log(self, rec: dict):
         rec = {"time_s": round(time.time() - self.t0, 1)} | rec
@@ -175,7 +226,7 @@ class Trainer:
             self._save_ckpt("lm", {"model": dec.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
                                    "rng": g.get_state(), "epoch": epoch, "best": best, "best_state": best_state,
                                    "bad": bad})
-            if bad >= cfg.lm_patience:
+            if bad >= cfg.lm_patience or self.over_budget("lm"):
                 break
         dec.load_state_dict(best_state)
         dec.save_pretrained(self.out / "decoder")
@@ -195,20 +246,30 @@ class Trainer:
         return [values_text(r, spec, self.columns) for r in self.frames[split].select(self.columns).iter_rows(named=True)]
 
     def _cache_bottom(self, enc: RecordEncoder) -> dict:
-        """Frozen encoder layers run once per record (the expensive part, done once, not per epoch)."""
-        path = self.ckpt / "encoder_cache.pt"
+        """Frozen encoder layers run once per record (the expensive part, done once, not per epoch).
+
+        Cached outside the model folder (which gets shipped): in `encoder_cache_dir()`, under a hash
+        of the records' texts and the encoder settings, so a cache is reused only for the same data."""
+        texts_of = {split: self._texts(split) for split in ("train", "val")}
+        path = encoder_cache_path(texts_of, self.cfg.encoder)
         if path.exists():
-            return _safe_load(path)
+            from .config import ModelError
+
+            try:
+                return _safe_load(path)
+            except ModelError:  # a truncated or foreign cache: rebuild it
+                path.unlink(missing_ok=True)
         cache = {}
         for split in ("train", "val"):
-            texts = self._texts(split)
+            texts = texts_of[split]
             hs, ms = [], []
             for i in range(0, len(texts), 128):
                 h, m = enc.encode_frozen(texts[i:i + 128])
                 hs.append(h.half().cpu()), ms.append(m.cpu())
                 self.progress(f"caching frozen encoder layers ({split})", min(i + 128, len(texts)), len(texts))
             cache[split] = (torch.cat(hs), torch.cat(ms))
-        tmp = path.with_name(path.name + ".tmp")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
         torch.save(cache, tmp)
         tmp.replace(path)
         return cache
@@ -276,7 +337,7 @@ class Trainer:
             self._save_ckpt("vae", {"enc": enc.state_dict(), "inj": inj.state_dict(), "opt": opt.state_dict(),
                                     "rng": g.get_state(), "epoch": epoch, "beta": beta, "best_rec": best_rec,
                                     "best_state": best_state, "since_best": since_best, "since_beta": since_beta})
-            if since_best >= cfg.vae_patience:
+            if since_best >= cfg.vae_patience or self.over_budget("vae"):
                 break
         from peft import set_peft_model_state_dict
 
@@ -319,6 +380,10 @@ class Trainer:
                 self.log({"stage": "diffusion", "step": step + 1, "loss": run})
                 self._save_ckpt("diffusion", {"model": den.state_dict(), "opt": opt.state_dict(),
                                               "sched": sched.state_dict(), "rng": g.get_state(), "step": step + 1})
+            if ((step + 1) % 100 == 0 and cfg.min_diffusion_steps <= step + 1 < cfg.diffusion_steps
+                    and self.over_budget("diffusion")):
+                self.log({"stage": "diffusion", "step": step + 1, "loss": run})
+                break
         den.save_pretrained(self.out / "denoiser")
         EDMSampler(cfg.sampler).save_pretrained(self.out / "denoiser")
         from safetensors.torch import save_file
@@ -359,6 +424,7 @@ class Trainer:
                    "train_rows": len(self.ids["train"]), "val_rows": len(self.ids["val"]),
                    "device": self.device.type,
                    "times_s": {k: round(v, 1) for k, v in times.items()},
+                   "stopped_early_by_budget": self.stopped_early,
                    "total_s": round(time.time() - self.t0, 1)}
         summary["files"] = stack_manifest(self.out)  # sha256 of every stack file, checked on load
         (self.out / "pipeline.json").write_text(json.dumps(summary, indent=1))
