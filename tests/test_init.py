@@ -121,7 +121,7 @@ def test_init_writes_a_domain_the_engine_loads(here):
     assert total == 7874
     # the gate calibrated on the real test split passes the real test split
     from factory.checks.distribution import distribution_checks
-    from factory.checks.base import gate_config
+    from factory.checks.gate import gate_config
     checks = distribution_checks(d.load_split("test"), d.load_split("train"), d.spec, gate_config(d))
     assert all(c.passed for c in checks if c.statistic is not None)
 
