@@ -29,7 +29,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 
 import polars as pl
 
@@ -531,8 +531,6 @@ def constraint_from_json(d: dict):
             args[name] = _from_jsonable(name, v, kind)
         except (TypeError, ValueError, pl.exceptions.PolarsError) as e:
             raise ValueError(f"{kind}.{name}: cannot read {json.dumps(v, default=str)[:80]} ({e})") from None
-    from dataclasses import MISSING
-
     for name, f in known.items():
         if name not in d and f.default is MISSING and f.default_factory is MISSING:
             raise ValueError(f"{kind}.{name}: missing")
