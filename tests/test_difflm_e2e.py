@@ -57,12 +57,17 @@ def test_train_writes_a_complete_small_stack_and_logs_losses(tiny_stack):
     assert con.execute("SELECT count(*) FROM train_log WHERE stage = 'vae'").fetchone()[0] == len(vae)
 
 
-def test_resume_of_a_finished_stack_keeps_the_decoder(tiny_stack):
+def test_resume_of_a_finished_stack_is_refused_and_keeps_it(tiny_stack):
+    """A finished training leaves no staging folder: --resume has nothing of its own to continue,
+    so it says so instead of building on the finished (or shipped) stack."""
     dec = (tiny_stack / "model/decoder/decoder.safetensors").read_bytes()
     r = factory("train", "--domain", "finance", "--config", "tiny.json", "--out", "model", "--db", "t.duckdb",
                 "--quiet", "--resume", cwd=tiny_stack)
-    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.returncode == 2 and "nothing to resume" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert (tiny_stack / "model/decoder/decoder.safetensors").read_bytes() == dec
+    assert not (tiny_stack / ".model.training").exists()
+    info = json.loads((tiny_stack / "model/pipeline.json").read_text())
+    assert "decoder/decoder.safetensors" in info["files"]  # every file's sha256, checked on load
 
 
 def test_generate_with_the_tiny_stack_exports_only_valid_records(tiny_stack):
