@@ -38,6 +38,7 @@ import numpy as np
 import polars as pl
 
 from factory import __version__
+from factory.files import atomic_write_text
 from factory.checks.base import GateConfig
 from factory.checks.distribution import FLOORS, Reference, distribution_checks
 
@@ -151,7 +152,7 @@ def main(argv: list[str] | None = None) -> None:
         path = domain.root / "config.json"
         config = json.loads(path.read_text()) if path.exists() else {}
         config["gates"] = gates
-        path.write_text(json.dumps(config, indent=1) + "\n")
+        atomic_write_text(path, json.dumps(config, indent=1) + "\n")
         print(f"wrote {path}")
 
 
