@@ -8,7 +8,7 @@ cut into runs):
   batch size 2,000, the CLI's defaults: privacy filter on), stored in `--db`; runs already in
   `--db` with the same model, seed and n are reused (`factory generate -d finance -n 10000
   --seed S --db DB --allow-drift` makes the same ones). Bad generators get their own pools
-  through the same loop (`run_generation`, in memory): the marginal baseline (20,000 records),
+  through the same loop (`run_generation`, stored in `--db` too): the marginal baseline (20,000 records),
   the stack with collapsed latents (every latent of a run equal to one diffusion sample;
   6 runs of 2,000), the stack with NaN injector weights (500) and the stack with its decoder
   weights perturbed (Gaussian noise of 0.5 x each tensor's std; 2 runs of 2,000).
@@ -74,10 +74,16 @@ def shipped_pool(d, db: Path, seeds: int) -> list[pl.DataFrame]:
     return out
 
 
-def loop_records(d, gen, n: int, seed: int) -> pl.DataFrame:
-    """n accepted records of `gen` through the real loop (privacy filter on, gate off), in memory."""
-    with Store(":memory:") as store:
-        result = run_generation(d, gen, n, seed, store, BATCH, progress=False, gates=True, allow_drift=True)
+def loop_records(d, gen, n: int, seed: int, db: Path, max_attempts: int | None = None) -> pl.DataFrame:
+    """n accepted records of `gen` through the real loop (privacy filter on), stored in `db` and
+    reused from it on a later call (same model id, seed and n)."""
+    with Store(db) as store:
+        have = store.frame("SELECT run_id FROM runs WHERE domain = ? AND model_id = ? AND seed = ? AND requested_n = ? "
+                           "AND accepted = requested_n ORDER BY started_at", [d.name, gen.model_id, seed, n])
+        if have.height:
+            return store.records(d, have["run_id"][0])
+        result = run_generation(d, gen, n, seed, store, BATCH, progress=False, gates=True, allow_drift=True,
+                                max_attempts=max_attempts)
         return store.records(d, result.run_id)
 
 
@@ -93,20 +99,30 @@ class Collapsed:
         return self.gen.generate(n, seed)
 
 
-def bad_pools(d) -> dict[str, list[pl.DataFrame]]:
+class Renamed:
+    """A generator under another model id (so that its pool is found again in the database)."""
+
+    def __init__(self, gen, model_id):
+        self.gen, self.model_id, self.model_version = gen, model_id, gen.model_version
+
+    def generate(self, n, seed):
+        return self.gen.generate(n, seed)
+
+
+def bad_pools(d, db: Path) -> dict[str, list[pl.DataFrame]]:
     pools: dict[str, list[pl.DataFrame]] = {}
     t = time.time()
-    pools["marginal baseline"] = [loop_records(d, MarginalBaseline.fit(d), 20_000, 0)]
+    pools["marginal baseline"] = [loop_records(d, MarginalBaseline.fit(d), 20_000, 0, db)]
     print(f"baseline pool {time.time() - t:.0f} s", flush=True)
     collapsed = Collapsed(load_generator(d, "difflm"))
-    pools["collapsed latents"] = [loop_records(d, collapsed, 2_000, 100 + s) for s in range(6)]
+    pools["collapsed latents"] = [loop_records(d, collapsed, 2_000, 100 + s, db) for s in range(6)]
     print(f"collapsed pool {time.time() - t:.0f} s", flush=True)
     nan = load_generator(d, "difflm")
     with torch.no_grad():
         for p in nan.inj.parameters():
             p.fill_(float("nan"))
     try:
-        pools["NaN injector"] = [loop_records(d, nan, 500, 200)]
+        pools["NaN injector"] = [loop_records(d, Renamed(nan, "difflm-nan-injector"), 500, 200, db, 20_000)]
     except Exception as e:  # a stack whose records never pass the rules cannot reach the gate at all
         print(f"NaN stack: no run ({type(e).__name__}: {str(e)[:120]})")
     pert = load_generator(d, "difflm")
@@ -115,7 +131,8 @@ def bad_pools(d) -> dict[str, list[pl.DataFrame]]:
         for p in pert.dec.parameters():
             if p.numel() > 1:
                 p.add_(torch.randn_like(p) * p.std() * 0.5)
-    pools["perturbed decoder"] = [loop_records(d, pert, 2_000, 300 + s) for s in range(2)]
+    pert = Renamed(pert, "difflm-perturbed-decoder")
+    pools["perturbed decoder"] = [loop_records(d, pert, 2_000, 300 + s, db) for s in range(2)]
     print(f"bad pools done {time.time() - t:.0f} s", flush=True)
     return pools
 
@@ -179,7 +196,7 @@ def main() -> None:
         print(f"shipped stack n={n}: {r['refused']} of {r['runs']} refused {r['top_failed_checks']}", flush=True)
     detect: dict[str, dict[int, dict]] = {}
     if not args.no_bad_pools:
-        for name, p in bad_pools(d).items():
+        for name, p in bad_pools(d, args.db).items():
             detect[name] = {n: score(d, slices(p, n)) for n in args.sizes if any(df.height >= n for df in p)}
     for n in args.sizes:
         for name, runs in skewed_runs(d, pool, n, args.skewed_limit).items():

@@ -27,7 +27,7 @@ from rich.text import Text
 from factory.checks.base import GateError
 from factory.checks.gate import EXIT_CODE as GATE_EXIT_CODE
 from factory.checks.gate import GateFailed, check_rows
-from factory.domain import DomainError, available_domains, load_domain, search_paths
+from factory.domain import MAX_BATCH, DomainError, available_domains, load_domain, search_paths
 from factory.export import ExportError, check_target, export_run, manifest_path
 from factory.files import WriteError, atomic_write_text
 from factory.generators import GENERATORS, GeneratorError, default_model, load_generator
@@ -225,6 +225,8 @@ def generate(
     for flag, v in (("-n", n), ("--seed", seed), ("--batch-size", batch_size), ("--max-attempts", max_attempts)):
         if v is not None and v > INT64_MAX:  # stored as DuckDB BIGINT
             fail(f"{flag} must be at most {INT64_MAX:,}, got {v:,}")
+    if batch_size is not None and batch_size > MAX_BATCH:  # one batch must fit in memory
+        fail(f"--batch-size must be at most {MAX_BATCH:,}, got {batch_size:,}")
     if shards is None:
         shards = min(n, 4 * workers) if engine == "ray" else 1
     if not 1 <= shards <= n:

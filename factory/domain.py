@@ -237,6 +237,8 @@ def load_config(root: Path) -> dict:
         raw = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise DomainError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    except RecursionError:
+        raise DomainError(f"{path}: JSON nested too deeply to read") from None
     except (OSError, UnicodeDecodeError) as e:
         raise DomainError(f"{path}: cannot read it ({e})") from None
     check_config(raw, str(path))
@@ -245,6 +247,7 @@ def load_config(root: Path) -> dict:
     return config
 
 
+MAX_BATCH = 1_000_000  # texts per batch: beyond this one batch alone would not fit in memory
 CONFIG_KEYS = ("default_model", "batch_size", "gates", "train", "mle_tasks")
 GATE_KEYS = ("alpha", "min_rows", "min_values", "coverage_min_share", "ordinal", "thresholds", "privacy",
              "calibration")
@@ -279,6 +282,8 @@ def check_config(config, source: str) -> None:
     known(config, CONFIG_KEYS, "")
     if "batch_size" in config and not (_is_int(config["batch_size"]) and config["batch_size"] > 0):
         fail("batch_size", "must be a positive integer", config["batch_size"])
+    if "batch_size" in config and config["batch_size"] > MAX_BATCH:
+        fail("batch_size", f"must be at most {MAX_BATCH:,}", config["batch_size"])
     if "default_model" in config and config["default_model"] not in GENERATORS:
         fail("default_model", f"must be one of {', '.join(GENERATORS)}", config["default_model"])
     if "train" in config and not isinstance(config["train"], dict):

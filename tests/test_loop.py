@@ -55,7 +55,10 @@ def test_toy_run_accounting(toy, store):
 
 def test_finance_run_accounting(finance, store):
     gen = load_generator(finance, "baseline")
-    result = run_generation(finance, gen, 60, seed=0, store=store, batch_size=1000, progress=False)
+    # the marginal baseline fails the distribution gate even at 60 records (every run is gated):
+    # override it, the accounting is what is tested
+    result = run_generation(finance, gen, 60, seed=0, store=store, batch_size=1000, progress=False, allow_drift=True)
+    assert result.gate.status == "overridden"
     run, rej = _check_accounting(store, finance, result.run_id, 60)
     # the baseline breaks cross-field rules, so rejected attempts often carry several rows
     per_attempt = rej.group_by("attempt_id").len()

@@ -315,9 +315,10 @@ def planned_checks(spec: TableSpec, cfg: GateConfig) -> list[tuple[str, str]]:
 
 
 def distribution_checks(run: pl.DataFrame, train: pl.DataFrame, spec: TableSpec, cfg: GateConfig,
-                        reference: Reference | None = None) -> list[Check]:
+                        reference: Reference | None = None, level: float | None = None) -> list[Check]:
     """Every distribution check of `run` against `train`, each at level alpha / K (Bonferroni
-    over the K checks that are evaluated). Per-check skips: quantiles with fewer than
+    over the K checks that are evaluated), or at `level` each if given (calibrate.py uses 0.5:
+    the level chance alone reaches half the time). Per-check skips: quantiles with fewer than
     gates.min_values non-null values. `reference`: Reference.build(train, ...) if at hand."""
     ref = reference or Reference.build(train, spec, cfg)
     n, m, thr = run.height, ref.m, cfg.thresholds
@@ -328,8 +329,8 @@ def distribution_checks(run: pl.DataFrame, train: pl.DataFrame, spec: TableSpec,
             if int((~np.isnan(a)).sum()) < cfg.min_values or len(ref.numeric_sorted[name]) < cfg.min_values}
     planned = planned_checks(spec, cfg)
     K = sum(1 for name, _ in planned if name not in skip)
-    a_check = cfg.alpha / max(1, K)  # Bonferroni: P(any check fails by chance) <= alpha
-    level = f"level {a_check:.2g} = alpha {cfg.alpha:g} / {K} checks"
+    a_check = cfg.alpha / max(1, K) if level is None else level  # Bonferroni: P(any fails by chance) <= alpha
+    level = f"level {a_check:.2g} = alpha {cfg.alpha:g} / {K} checks" if level is None else f"level {level:g} each"
     checks: list[Check] = []
     for c in spec.columns:
         if isinstance(c, Numeric):
