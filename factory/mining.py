@@ -22,7 +22,7 @@ too (a permutation test, `shuffles` seeded copies; a range has no second column 
 it is descriptive by construction). Work is capped so that a 10k x 30 table mines in seconds on
 one core: implications only among columns with at most `max_categories` values, dependencies
 only from sources with fewer distinct values than half the rows, sums checked on a sample of
-rows before the whole table. Deterministic per seed.
+rows before the whole table, three-term sums only among at most 40 numeric columns. Deterministic per seed.
 
 The engine is domain-agnostic: only the frame (and optionally its TableSpec) is read.
 """
@@ -40,6 +40,7 @@ from schemas.columns import Categorical, Numeric, TableSpec
 from schemas.constraints import (AtLeast, AtMost, Determines, Implies, MustBeNull, MustNotBeNull, Range, RangeBy,
                                  SumOf)
 
+MAX_TRIPLE_SUM_COLUMNS = 40  # sums of three terms are looked for only among at most this many numeric columns
 KINDS = ("functional_dependency", "ordering", "null_pattern", "implication", "sum", "range", "range_by")
 
 
@@ -221,7 +222,8 @@ class _Miner:
 
         combos = [((a,), (1,)) for a in num]
         combos += [((a, b), sg) for a, b in itertools.combinations(num, 2) for sg in ((1, 1), (1, -1), (-1, 1))]
-        combos += [(t, (1, 1, 1)) for t in itertools.combinations(num, 3)]
+        if len(num) <= MAX_TRIPLE_SUM_COLUMNS:  # a + b + d = c: cubic in the columns, so capped
+            combos += [(t, (1, 1, 1)) for t in itertools.combinations(num, 3)]
         for terms, signs in combos:
             for target in candidates(terms, signs):
                 cols = frozenset(terms) | {target}

@@ -29,7 +29,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 
 import polars as pl
 
@@ -503,6 +503,20 @@ class SumOf(_Relation):
         t, s = pl.col(self.target), self.sum_expr()
         return ((t - s).abs() <= self.tol).fill_null(False) | (t.is_null() & s.is_null())
 
+    def cap(self, maximum: float, order: list[str]):
+        """A decode constraint that keeps a derived target at most `maximum`: a bound on the term
+        generated last (in `order`) from the others (t <= max - rest, or t >= rest - max for a
+        minus term). None when a term is not generated."""
+        if any(t not in order for t in self.terms):
+            return None
+        last = max(self.terms, key=order.index)
+        rest = [pl.col(t).cast(pl.Float64) * s for t, s in zip(self.terms, self.signs) if t != last]
+        rest_sum = pl.sum_horizontal(rest) if rest else pl.lit(0.0)
+        sign = self.signs[self.terms.index(last)]
+        if sign > 0:
+            return AtMostExpr(last, maximum - rest_sum, name=f"{self.target}_at_most_train_max")
+        return AtLeastExpr(last, rest_sum - maximum, name=f"{self.target}_at_most_train_max")
+
 
 DecodeConstraint = (MustBeNull | MustNotBeNull | Implies | Determines | Range | RangeBy | AtMost | AtLeast
                     | AtMostExpr | AtLeastExpr | SumOf)
@@ -531,8 +545,6 @@ def constraint_from_json(d: dict):
             args[name] = _from_jsonable(name, v, kind)
         except (TypeError, ValueError, pl.exceptions.PolarsError) as e:
             raise ValueError(f"{kind}.{name}: cannot read {json.dumps(v, default=str)[:80]} ({e})") from None
-    from dataclasses import MISSING
-
     for name, f in known.items():
         if name not in d and f.default is MISSING and f.default_factory is MISSING:
             raise ValueError(f"{kind}.{name}: missing")
