@@ -9,8 +9,8 @@
 3. score the export against the held-out real test split with `factory.evaluate` (SDMetrics shapes
    and pair trends, MLE ratio of the --target task, DCR) and check every record against every rule;
 4. side by side: SDV GaussianCopula fitted on the same train split, scored by the same code.
-   MOSTLY AI's engine (PyPI mostlyai-engine) is not run: installing it would change the torch build
-   shared by this machine's other jobs (see the report).
+   MOSTLY AI's engine (PyPI mostlyai-engine) is not run: it is not installed in this project's
+   environment, which other jobs on this machine share (see the report).
 Writes reports/benchmarks/init.{json,md}.
 """
 from __future__ import annotations
@@ -166,8 +166,8 @@ def main():
         md += (f"| {k} | {e['n_rows']:,} | {e['rule_validity']['valid_rate']:.2%} | {q['column_shapes']:.3f} | "
                f"{q['column_pair_trends']:.3f} | {ratios} | {e['privacy']['dcr']['median']:.4f} |\n")
     md += ("\nTargets: shapes >= 0.95, pair trends >= 0.90, MLE ratio >= 0.95. real_val (held-out real rows) "
-           "is the ceiling. Not run: MOSTLY AI's engine (`mostlyai-engine`): its install pins its own torch, "
-           "and this machine's torch is shared by other jobs.\n")
+           "is the ceiling. Not run: MOSTLY AI's engine (`mostlyai-engine`), which is not installed in this "
+           "project's Python environment (shared with other jobs on this machine).\n")
     (REPORTS / "init.md").write_text(md)
     print(md)
 

@@ -42,9 +42,8 @@ FINANCE_WHY = {
                                      "applications, and a comparison with null passes)",
     "balance_is_outstanding_principal": "balance = loan_amount - paid_principal holds only for loans not yet "
                                         "settled: a difference under a condition, which the miner does not try",
-    "settled_loans_have_zero_balance": "a category implying a numeric constant (settled => balance 0); the "
-                                       "per-category bands are not kept because the other statuses' bands are "
-                                       "wide (mining's max_band_share)",
+    "settled_loans_have_zero_balance": "found as balance's band per loan_status, with bands for the two "
+                                       "settled statuses only: Charged Off [0, 0] and Fully Paid [0, 0]",
 }
 
 
@@ -102,7 +101,8 @@ def finance_section(work: Path) -> list[str]:
         cell = (", ".join(f"`{h}`" for h in same) if same else
                 "partly: " + ", ".join(f"`{h}`" for h in part) if part else "not found")
         lines.append(f"| `{rule.name}` | {', '.join(sorted(cols))} | {cell} | {FINANCE_WHY.get(rule.name, '')} |")
-    lines += ["", f"{found} of {len(fin.rules)} hand-written rules are found on the same columns.", ""]
+    lines += ["", f"{found} of {len(fin.rules)} hand-written rules are found on the same columns; "
+              "joint_income_covers_applicant is found in an equivalent form (see its row).", ""]
     lines.append("")
     return lines
 
