@@ -26,6 +26,7 @@ from rich.text import Text
 from factory.checks.base import GateError
 from factory.checks.gate import EXIT_CODE as GATE_EXIT_CODE
 from factory.checks.gate import GateFailed, check_rows
+from factory.conditions import ConditionError, parse_condition, rebalance_plan
 from factory.domain import DomainError, available_domains, load_domain
 from factory.export import ExportError, check_target, export_run, manifest_path
 from factory.generators import GENERATORS, GeneratorError, default_model, load_generator
@@ -41,7 +42,8 @@ _PIPED_WIDTH = None if sys.stdout.isatty() or "COLUMNS" in os.environ else 160
 out = Console(width=_PIPED_WIDTH)
 err = Console(stderr=True, width=_PIPED_WIDTH)
 
-USER_ERRORS = (DomainError, StoreError, ExportError, GeneratorError, InputError, GateError, EngineError)
+USER_ERRORS = (DomainError, StoreError, ExportError, GeneratorError, InputError, GateError, EngineError,
+               ConditionError)
 ENGINES = ("local", "ray")
 INT64_MAX = 2**63 - 1
 ALLOW_DRIFT = typer.Option(False, "--allow-drift",
@@ -144,6 +146,11 @@ def generate(
     workers: int = typer.Option(2, "--workers", help="ray: worker processes (one CPU and one model each)"),
     device: str = typer.Option("cpu", "--device", help="difflm: cpu, cuda or auto (cuda if torch sees a GPU); "
                                "records depend on the device, so the run records it"),
+    where: Optional[str] = typer.Option(None, "--where", help="SQL condition every record meets, over the exported "
+                                        "columns, e.g. \"grade IN ('E','F','G') AND annual_income > 100000\"; the "
+                                        "gate compares with the real train rows that meet it"),
+    rebalance: Optional[str] = typer.Option(None, "--rebalance", help="COL or COL:value=share,...: each category of "
+                                            "COL gets its share of -n (equal by default), one shard per category"),
 ):
     """Generate N records that pass every rule, record the run in DuckDB, optionally export them.
 
@@ -157,9 +164,10 @@ def generate(
     if workers <= 0:
         fail(f"--workers must be positive, got {workers}")
     if resume is not None:
-        if any(v is not None for v in (domain, n, model, model_dir, batch_size, shards)) or device != "cpu":
-            fail("--resume reuses the run's own domain, n, seed, model, device, batch size and shards; "
-                 "do not pass them")
+        if any(v is not None for v in (domain, n, model, model_dir, batch_size, shards, where, rebalance)) \
+                or device != "cpu":
+            fail("--resume reuses the run's own domain, n, seed, model, device, batch size, shards and condition "
+                 "(--where/--rebalance); do not pass them")
         return _resume(resume, db, out_path, force, quiet, allow_drift, engine, address, workers)
     if domain is None or n is None:
         fail("generate needs --domain and -n (or --resume RUN_ID)")
@@ -174,12 +182,15 @@ def generate(
     for flag, v in (("-n", n), ("--seed", seed), ("--batch-size", batch_size), ("--max-attempts", max_attempts)):
         if v is not None and v > INT64_MAX:  # stored as DuckDB BIGINT
             fail(f"{flag} must be at most {INT64_MAX:,}, got {v:,}")
+    if rebalance is not None and shards is not None:
+        fail("--rebalance makes one shard per category; do not pass --shards")
     if shards is None:
-        shards = min(n, 4 * workers) if engine == "ray" else 1
+        shards = min(n, 4 * workers) if engine == "ray" and rebalance is None else 1
     if not 1 <= shards <= n:
         fail(f"--shards must be between 1 and n ({n:,}), got {shards}")
     d = load_domain(domain)
     check_db_name(db, d)
+    _check_conditions(d, where, rebalance, n)
     if out_path is not None:
         check_target(out_path, force)  # before the run, not after it
     generator = load_generator(d, model, model_dir=model_dir, device=device)
@@ -189,6 +200,7 @@ def generate(
         try:
             result = run_generation(d, generator, n, seed, store, size, max_attempts=max_attempts,
                                     progress=not quiet, allow_drift=allow_drift, shards=shards,
+                                    where=where, rebalance=rebalance,
                                     engine=_engine(engine, d, model, model_dir, address, workers, device),
                                     settings={"model": model or default_model(d),
                                               "model_dir": str(model_dir) if model_dir else None,
@@ -196,6 +208,17 @@ def generate(
         except AttemptBudgetExceeded as e:
             fail(str(e), code=1)
         _finish(store, d, generator, result, n, out_path, force, allow_drift, db, started)
+
+
+def _check_conditions(d, where: Optional[str], rebalance: Optional[str], n: int) -> None:
+    """Fail (one line, exit 2) on a bad condition before anything is loaded or stored; warn on low support."""
+    conditions = [parse_condition(d, where)] if where is not None else []
+    if rebalance is not None:
+        conditions = [parse_condition(d, sql) for sql, _ in rebalance_plan(d, rebalance, n, where)]
+    for c in conditions:
+        if c.low_support:
+            err.print(Text(f"warning: few real rows meet {c.describe()}; the records follow those few rows",
+                           style="yellow"), soft_wrap=True)
 
 
 def _engine(name: str, d, model, model_dir, address, workers, device):

@@ -52,13 +52,17 @@ class GateResult:
         return self.status == "failed"
 
 
-def evaluate_run(domain, records: pl.DataFrame, allow_drift: bool = False) -> GateResult:
+def evaluate_run(domain, records: pl.DataFrame, allow_drift: bool = False,
+                 reference: pl.DataFrame | None = None) -> GateResult:
+    """`reference`: the real rows to compare with (a conditioned run: the train rows that meet
+    its condition, factory/conditions.gate_reference); default the train split."""
     cfg = gate_config(domain)
     if records.height < cfg.min_rows:
         reason = (f"the run has {records.height:,} records, fewer than gates.min_rows = {cfg.min_rows:,}: "
                   f"too few for meaningful distribution tests")
         return GateResult("skipped", skipped_checks(domain.spec, cfg, reason))
-    checks = distribution_checks(records, domain.load_split("train"), domain.spec, cfg)
+    reference = domain.load_split("train") if reference is None else reference
+    checks = distribution_checks(records, reference, domain.spec, cfg)
     failed = any(c.status == "failed" for c in checks)
     return GateResult(("overridden" if allow_drift else "failed") if failed else "passed", checks)
 
@@ -68,9 +72,9 @@ def check_rows(checks: list[Check]) -> list[dict]:
              "direction": c.direction, "status": c.status, "passed": c.passed, "detail": c.detail} for c in checks]
 
 
-def run_gate(store, domain, run_id: str, allow_drift: bool = False) -> GateResult:
+def run_gate(store, domain, run_id: str, allow_drift: bool = False, reference: pl.DataFrame | None = None) -> GateResult:
     """Evaluate the stored run's records and record the checks and the outcome."""
-    result = evaluate_run(domain, store.records(domain, run_id), allow_drift)
+    result = evaluate_run(domain, store.records(domain, run_id), allow_drift, reference)
     rejections = [{"rule": c.name, "message": f"{c.describe()}: {c.detail}"} for c in result.failed] \
         if result.blocks_export else []
     store.write_gate(run_id, result.status, check_rows(result.checks), rejections)
