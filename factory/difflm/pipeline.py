@@ -119,6 +119,8 @@ class DiffLMGenerator:
             k: (v.to(self.device) if hasattr(v, "to") and k != "codec" else v) for k, v in conditional_stack.items()}
         if self.cstack is not None:
             self.cstack["stats"] = {k: v.to(self.device) for k, v in self.cstack["stats"].items()}
+            if self.cstack.get("decoder") is not None:
+                self.cstack["decoder"].to_precision(precision, self.device).to(self.device)
         self.guidance = guidance
         self.settings["conditional_stack"] = self.cstack is not None
         self.settings["guidance"] = guidance
@@ -178,8 +180,10 @@ class DiffLMGenerator:
             else:
                 part = rows[start:start + b]
                 prompt, masks = self.conditioned_prompt(part, condition, g), self.row_masks(part, condition.forced)
-            out.append(self.dec.generate(prompt, self.tok, g, self.temperature, self.constrained, min_p=self.min_p,
-                                         row_masks=masks))
+            cdec = None if rows is None or self.cstack is None else self.cstack.get("decoder")
+            dec = self.dec if cdec is None else cdec
+            out.append(dec.generate(prompt, self.tok, g, self.temperature, self.constrained, min_p=self.min_p,
+                                    row_masks=masks))
         return torch.cat(out).cpu() if out else torch.zeros(0, self.tok.length, dtype=torch.long)
 
     def conditioned_prompt(self, rows, condition, g: torch.Generator) -> torch.Tensor:
@@ -232,4 +236,7 @@ def load_conditional(path: Path) -> dict | None:
     return {"codec": ConditionCodec.from_pretrained(path),
             "injector": ConditionalInjector.from_pretrained(path / "injector").eval(),
             "denoiser": ConditionalDenoiser.from_pretrained(path / "denoiser").eval(),
-            "stats": load_file(str(path / "denoiser" / "latent_stats.safetensors"))}
+            "stats": load_file(str(path / "denoiser" / "latent_stats.safetensors")),
+            # its own fine-tuned copy of the decoder, if trained with decoder_lr > 0
+            "decoder": DomainDecoder.from_pretrained(path / "decoder").freeze()
+            if (path / "decoder" / "decoder.safetensors").exists() else None}
