@@ -120,13 +120,14 @@ def main():
     ap.add_argument("--model-dir", default=None)
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     ap.add_argument("--no-rebalance", action="store_true")
+    ap.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance weight (1 = plain p(z | c))")
     args = ap.parse_args()
     from factory.difflm.pipeline import DiffLMGenerator
 
     info = machine_info()
     domain = load_domain(args.domain)
     model_dir = Path(args.model_dir) if args.model_dir else domain.model_dir
-    gens = {"difflm_conditional": lambda: DiffLMGenerator.from_pretrained(model_dir, domain),
+    gens = {"difflm_conditional": lambda: DiffLMGenerator.from_pretrained(model_dir, domain, guidance=args.guidance),
             "difflm_cond_prior_z": lambda: DiffLMGenerator.from_pretrained(model_dir, domain, latent="prior"),
             "difflm_mask_only": lambda: DiffLMGenerator.from_pretrained(model_dir, domain, conditional_stack=False)}
     train, val = domain.load_split("train"), domain.load_split("val")
@@ -182,7 +183,7 @@ def main():
         out["rebalance_grade"] = meta
         print("rebalance", meta["max_share_error"], meta["max_ks_interest_rate"], flush=True)
     REPORTS.mkdir(parents=True, exist_ok=True)
-    stem = REPORTS / f"conditional_{args.domain}"
+    stem = REPORTS / (f"conditional_{args.domain}" + ("" if args.guidance == 1.0 else f"_guidance{args.guidance:g}"))
     stem.with_suffix(".json").write_text(json.dumps(out, indent=1, default=str))
     stem.with_suffix(".md").write_text(render(out, " ".join(["python", "benchmarks/conditional.py", *sys.argv[1:]])))
     print(f"wrote {stem}.md")

@@ -41,7 +41,7 @@ class Condition:
     columns: tuple[str, ...]  # the exported columns the condition names
     real: pl.DataFrame  # the real train rows (full records + latent columns) that meet it
     train_rows: int
-    forced: tuple[str, ...]  # generated categorical columns a decoder can force from a real row
+    forced: tuple[str, ...]  # generated columns a decoder can force from a drawn real row
 
     @property
     def support(self) -> float:
@@ -113,20 +113,23 @@ def parse_condition(domain, sql: str) -> Condition:
 
 
 def forced_columns(domain, names: list[str], records: pl.DataFrame) -> tuple[str, ...]:
-    """Generated categorical columns whose value a decoder can copy from a drawn real row so
-    that the condition holds by construction: the named ones, and for a named *derived*
-    categorical the generated categorical with fewest values that determines it in the train
-    split (finance: sub_grade determines grade)."""
+    """Generated columns whose value a decoder can copy from a drawn real row so that the
+    condition holds by construction: the named generated ones (categorical or numeric: a
+    numeric condition such as `annual_income > 150000` otherwise cost 12 attempts per record
+    with the conditional stage, which only knows the value's train-quantile bin), and for a
+    named *derived* categorical the generated categorical with fewest values that determines
+    it in the train split (finance: sub_grade determines grade). A named derived numeric
+    (installment) cannot be forced: the last check filters it."""
     from schemas.columns import Categorical
 
     spec, gen = domain.spec, domain.spec.generated_names
     out = []
     for n in names:
         col = spec[n]
-        if not isinstance(col, Categorical):
-            continue
         if n in gen:
             out.append(n)
+            continue
+        if not isinstance(col, Categorical):
             continue
         best = None
         for g in gen:

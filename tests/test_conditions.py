@@ -70,7 +70,8 @@ def test_forced_columns_include_the_determinant_of_a_derived_categorical(finance
     assert parse_condition(finance, "grade IN ('E','F','G')").forced == ("sub_grade",)
     c = parse_condition(finance, "term = 60 AND homeownership = 'RENT'")
     assert set(c.forced) == {"term", "homeownership"} and c.columns == ("term", "homeownership")
-    assert parse_condition(finance, "annual_income > 100000").forced == ()
+    assert parse_condition(finance, "annual_income > 100000").forced == ("annual_income",)
+    assert parse_condition(finance, "installment > 500").forced == ()  # derived numeric: the last check only
 
 
 @pytest.mark.parametrize("sql, fragment", [

@@ -206,18 +206,18 @@ class DiffLMGenerator:
         return cs["injector"](z, c)
 
     def row_masks(self, rows, forced: tuple[str, ...]) -> dict[int, torch.Tensor] | None:
-        """Force each of `forced` (generated categorical columns) to the drawn real row's value."""
-        from .tokenizer import NULL
-
+        """Force each of `forced` (generated columns) to the drawn real row's value: one token per
+        position (a numeric column's every chunk)."""
+        if not forced:
+            return None
+        ids = self.tok.encode(rows).to(self.device)
         masks = {}
-        for col in forced:
-            t = next(i for i, s in enumerate(self.tok.slots) if s.column == col)
-            ids = torch.tensor([NULL if v is None else self.tok.cat_ids[col][v] for v in rows[col].to_list()],
-                               device=self.device)
-            m = torch.zeros(rows.height, self.tok.vocab_size, dtype=torch.bool, device=self.device)
-            m[torch.arange(rows.height, device=self.device), ids] = True
-            masks[t] = m
-        return masks or None
+        for t, slot in enumerate(self.tok.slots):
+            if slot.column in forced:
+                m = torch.zeros(rows.height, self.tok.vocab_size, dtype=torch.bool, device=self.device)
+                m[torch.arange(rows.height, device=self.device), ids[:, t]] = True
+                masks[t] = m
+        return masks
 
     def generate(self, n: int, seed: int, condition=None) -> list[str]:
         return self.tok.to_texts(self.generate_ids(n, seed, condition))
