@@ -28,6 +28,7 @@ class Marginal:
 
 class MarginalBaseline:
     model_id = "baseline"
+    conditional = True  # generate(n, seed, condition=...): the named columns come from real rows that meet it
 
     def __init__(self, domain: Domain, marginals: dict[str, Marginal]):
         self.domain = domain
@@ -53,10 +54,16 @@ class MarginalBaseline:
             marginals[name] = Marginal(values, freq / freq.sum(), pieces)
         return cls(domain, marginals)
 
-    def generate(self, n: int, seed: int) -> list[str]:
+    def generate(self, n: int, seed: int, condition=None) -> list[str]:
         if n < 0:
             raise ValueError("n must be >= 0")
         rng = np.random.default_rng(seed)
         parts = {name: m.pieces[rng.choice(len(m.values), size=n, p=m.probs)] for name, m in self.marginals.items()}
+        if condition is not None:  # the condition's generated columns, jointly, from real rows that meet it
+            rows = condition.draw(n, seed)
+            for name in dict.fromkeys([*condition.forced, *condition.columns]):
+                if name in parts:
+                    text = {v: self.domain.serializer.serialize({name: v}, columns=[name]) for v in rows[name].unique()}
+                    parts[name] = np.array([text[v] for v in rows[name].to_list()], dtype=object)
         frame = pl.DataFrame({name: pl.Series(name, p.tolist(), dtype=pl.String) for name, p in parts.items()})
         return frame.select(pl.concat_str(self.columns, separator=FIELD_SEP).alias("text"))["text"].to_list()

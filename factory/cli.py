@@ -27,6 +27,7 @@ from rich.text import Text
 from factory.checks.base import GateError
 from factory.checks.gate import EXIT_CODE as GATE_EXIT_CODE
 from factory.checks.gate import GateFailed, check_rows
+from factory.conditions import ConditionError, parse_condition, rebalance_plan
 from factory.domain import MAX_BATCH, DomainError, available_domains, load_domain, search_paths
 from factory.export import ExportError, check_target, export_run, manifest_path
 from factory.files import WriteError, atomic_write_text
@@ -45,7 +46,8 @@ _PIPED_WIDTH = None if sys.stdout.isatty() or "COLUMNS" in os.environ else 160
 out = Console(width=_PIPED_WIDTH)
 err = Console(stderr=True, width=_PIPED_WIDTH)
 
-USER_ERRORS = (DomainError, StoreError, ExportError, WriteError, GeneratorError, InputError, GateError, EngineError)
+USER_ERRORS = (DomainError, StoreError, ExportError, WriteError, GeneratorError, InputError, GateError, EngineError,
+               ConditionError)
 ENGINES = ("local", "ray")
 INT64_MAX = 2**63 - 1
 MAX_RECORDS = 10**12  # -n: far beyond any run, and 100 x n attempts still fit a DuckDB BIGINT
@@ -193,6 +195,11 @@ def generate(
     device: str = typer.Option("cpu", "--device", metavar="[cpu|cuda|auto]",
                                help="difflm: cpu, cuda or auto (cuda if torch sees a GPU); "
                                "records depend on the device, so the run records it"),
+    where: Optional[str] = typer.Option(None, "--where", help="SQL condition every record meets, over the exported "
+                                        "columns, e.g. \"grade IN ('E','F','G') AND annual_income > 100000\"; the "
+                                        "gate compares with the real train rows that meet it"),
+    rebalance: Optional[str] = typer.Option(None, "--rebalance", help="COL or COL:value=share,...: each category of "
+                                            "COL gets its share of -n (equal by default), one shard per category"),
 ):
     """Generate N records that pass every rule, record the run in DuckDB, optionally export them.
 
@@ -206,9 +213,10 @@ def generate(
     if workers <= 0:
         fail(f"--workers must be positive, got {workers}")
     if resume is not None:
-        if any(v is not None for v in (domain, n, model, model_dir, batch_size, shards)) or device != "cpu":
-            fail("--resume reuses the run's own domain, n, seed, model, device, batch size and shards; "
-                 "do not pass them")
+        if any(v is not None for v in (domain, n, model, model_dir, batch_size, shards, where, rebalance)) \
+                or device != "cpu":
+            fail("--resume reuses the run's own domain, n, seed, model, device, batch size, shards and condition "
+                 "(--where/--rebalance); do not pass them")
         return _resume(resume, db, out_path, force, quiet, allow_drift, engine, address, workers)
     if domain is None or n is None:
         fail("generate needs --domain and -n (or --resume RUN_ID)")
@@ -227,12 +235,15 @@ def generate(
             fail(f"{flag} must be at most {INT64_MAX:,}, got {v:,}")
     if batch_size is not None and batch_size > MAX_BATCH:  # one batch must fit in memory
         fail(f"--batch-size must be at most {MAX_BATCH:,}, got {batch_size:,}")
+    if rebalance is not None and shards is not None:
+        fail("--rebalance makes one shard per category; do not pass --shards")
     if shards is None:
-        shards = min(n, 4 * workers) if engine == "ray" else 1
+        shards = min(n, 4 * workers) if engine == "ray" and rebalance is None else 1
     if not 1 <= shards <= n:
         fail(f"--shards must be between 1 and n ({n:,}), got {shards}")
     d = load_domain(domain)
     check_db_name(db, d)
+    _check_conditions(d, where, rebalance, n)
     if out_path is not None:
         check_target(out_path, force, db)  # before the run, not after it
     generator = load_generator(d, model, model_dir=model_dir, device=device)
@@ -242,6 +253,7 @@ def generate(
         try:
             result = run_generation(d, generator, n, seed, store, size, max_attempts=max_attempts, run_id=run_id,
                                     progress=not quiet, allow_drift=allow_drift, shards=shards,
+                                    where=where, rebalance=rebalance,
                                     engine=_engine(engine, d, model, model_dir, address, workers, device),
                                     settings={"model": model or default_model(d),
                                               "model_dir": str(model_dir) if model_dir else None,
@@ -263,6 +275,17 @@ def _interruptible(run_id: str, db: Path, quiet: bool):
     except KeyboardInterrupt:
         fail(f"interrupted: run {run_id} keeps every batch stored so far; continue it with "
              f"`factory generate --resume {run_id} --db {db}`", code=130)
+
+
+def _check_conditions(d, where: Optional[str], rebalance: Optional[str], n: int) -> None:
+    """Fail (one line, exit 2) on a bad condition before anything is loaded or stored; warn on low support."""
+    conditions = [parse_condition(d, where)] if where is not None else []
+    if rebalance is not None:
+        conditions = [parse_condition(d, sql) for sql, _ in rebalance_plan(d, rebalance, n, where)]
+    for c in conditions:
+        if c.low_support:
+            err.print(Text(f"warning: few real rows meet {c.describe()}; the records follow those few rows",
+                           style="yellow"), soft_wrap=True)
 
 
 def _engine(name: str, d, model, model_dir, address, workers, device):

@@ -142,6 +142,9 @@ def build_manifest(store: Store, domain: Domain, run_id: str, path: Path, rows: 
         "n": run["requested_n"],
         "batch_size": run["batch_size"],
         "settings": json.loads(run["settings"]),
+        # --where / --rebalance: the condition(s) every record meets (None: unconditioned)
+        "condition": {k: v for k, v in json.loads(run["settings"]).items()
+                      if k in ("where", "rebalance", "conditions")} or None,
         "run_status": run["status"],
         "started_at": _iso(run["started_at"]),
         "finished_at": _iso(run["finished_at"]),

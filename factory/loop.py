@@ -42,6 +42,7 @@ import polars as pl
 
 from factory.checks.gate import GateResult, run_gate
 from factory.checks.privacy import PrivacyFilter
+from factory.conditions import Condition, gate_reference, parse_condition, rebalance_plan
 from factory.domain import Domain
 from factory.generators import Generator
 from factory.progress import RunProgress
@@ -110,6 +111,11 @@ class RunPlan:
     batch_size: int
     max_attempts: int
     gates: bool
+    conditions: tuple = ()  # per shard: the SQL condition its records must meet, or None (--where/--rebalance)
+
+    def condition(self, domain: Domain, shard: int) -> Condition | None:
+        sql = self.conditions[shard] if self.conditions else None
+        return parse_condition(domain, sql) if sql else None
 
     def shard_budget(self, shard_n: int) -> int:
         """A shard's share of the run's attempt budget."""
@@ -163,12 +169,17 @@ def generate_shard(domain: Domain, generator: Generator, plan: RunPlan, state: S
             return False
         k = min(next_batch_size(plan.batch_size, state.n - state.accepted, state.accepted + state.surplus,
                                 state.generated), budget - state.generated)
-        texts = generator.generate(k, batch_seed(plan.seed, state.batches, shard_key))
+        seed = batch_seed(plan.seed, state.batches, shard_key)
+        condition = plan.condition(domain, state.shard)
+        if condition is not None and getattr(generator, "conditional", False):
+            texts = generator.generate(k, seed, condition=condition)
+        else:  # unconditioned, or a generator that cannot condition: the judge's last check filters
+            texts = generator.generate(k, seed)
         if len(texts) != k:
             raise RuntimeError(f"generator {generator.model_id} returned {len(texts)} texts, asked for {k}")
         records, rejections, n_valid, n_taken = _judge(domain, gen_cols, texts, plan.run_id, state.shard,
                                                        state.batches, state.generated, state.n - state.accepted,
-                                                       privacy)
+                                                       privacy, condition)
         state.accepted += n_taken
         state.rejected += rejections["attempt_id"].n_unique() if rejections.height else 0
         state.surplus += n_valid - n_taken
@@ -224,24 +235,43 @@ class LocalEngine:
 def run_generation(domain: Domain, generator: Generator, n: int, seed: int, store: Store, batch_size: int,
                    max_attempts: int | None = None, progress: bool = True, settings: dict | None = None,
                    run_id: str | None = None, gates: bool = True, allow_drift: bool = False, shards: int = 1,
-                   engine: Engine | None = None) -> RunResult:
+                   engine: Engine | None = None, where: str | None = None,
+                   rebalance: str | None = None) -> RunResult:
     """Generate until exactly n records pass every rule (and the privacy filter); record
     everything in `store`; then run the distribution gate. `gates=False` turns off both
-    the privacy filter and the distribution gate (runs.gate stays NULL)."""
+    the privacy filter and the distribution gate (runs.gate stays NULL).
+
+    `where`: a SQL condition every record meets (factory/conditions.py); `rebalance`:
+    `COL[:value=share,...]`, one shard per category with its share of n (exact to 1/n).
+    Both are checked before anything is stored (ConditionError) and recorded in the run's
+    settings, so `resume_generation` reuses them."""
     if n <= 0:
         raise ValueError(f"n must be positive, got {n}")
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     if seed < 0:
         raise ValueError(f"seed must be >= 0, got {seed}")
-    sizes = shard_sizes(n, shards)
+    conditions, condition_settings = (), {}
+    if rebalance is not None:
+        if shards != 1:
+            raise ValueError("rebalance makes one shard per category; it does not combine with shards")
+        per_category = rebalance_plan(domain, rebalance, n, where)
+        conditions, sizes = tuple(sql for sql, _ in per_category), [k for _, k in per_category]
+        shards = len(sizes)
+    else:
+        sizes = shard_sizes(n, shards)
+        if where is not None:
+            conditions = (parse_condition(domain, where).sql,) * shards
+    if conditions:
+        condition_settings = {"where": where, "rebalance": rebalance, "shard_conditions": list(conditions),
+                              "conditions": [parse_condition(domain, c).settings() for c in dict.fromkeys(conditions)]}
     engine = engine or LocalEngine()
     max_attempts = default_max_attempts(n) if max_attempts is None else max_attempts
     run_id = run_id or new_run_id(domain)
     store.start_run(run_id, domain, generator.model_id, generator.model_version, seed, n, batch_size,
                     {"max_attempts": max_attempts, "gates": gates, "shards": shards, **engine.settings(),
-                     **(settings or {})}, sizes)
-    plan = RunPlan(run_id, seed, n, shards, batch_size, max_attempts, gates)
+                     **condition_settings, **(settings or {})}, sizes)
+    plan = RunPlan(run_id, seed, n, shards, batch_size, max_attempts, gates, conditions)
     return _drive(domain, generator, store, plan, progress, allow_drift, engine)
 
 
@@ -270,7 +300,8 @@ def resume_generation(domain: Domain, generator: Generator, store: Store, run_id
     with RunLock(store, run_id):  # before anything is written: a live run is refused, not raced
         store.reopen_run(run_id)
         plan = RunPlan(run_id, run["seed"], run["requested_n"], settings.get("shards", 1), run["batch_size"],
-                       settings["max_attempts"], settings.get("gates", True))
+                       settings["max_attempts"], settings.get("gates", True),
+                       tuple(settings.get("shard_conditions", ())))
         return _drive_locked(domain, generator, store, plan, progress, allow_drift, engine or LocalEngine())
 
 
@@ -328,7 +359,9 @@ def _drive_locked(domain: Domain, generator: Generator, store: Store, plan: RunP
                     bar.update(r["accepted"], r["attempted"])
             engine.run(domain, generator, store, plan, todo, on_progress)
         if plan.gates:
-            gate = run_gate(store, domain, plan.run_id, allow_drift)
+            reference = gate_reference(domain, list(plan.conditions),
+                                       [s["requested_n"] for s in store.shards(plan.run_id)]) if plan.conditions else None
+            gate = run_gate(store, domain, plan.run_id, allow_drift, reference=reference)
         status = "gate_failed" if gate is not None and gate.blocks_export else "succeeded"
     except BaseException:
         try:  # best effort: the run stays 'running' if even this cannot be written (e.g. disk full)
@@ -345,9 +378,10 @@ def _drive_locked(domain: Domain, generator: Generator, store: Store, plan: RunP
 
 
 def _judge(domain: Domain, gen_cols: list[str], texts: list[str], run_id: str, shard: int, batch: int,
-           first_attempt: int, wanted: int, privacy: PrivacyFilter | None = None) -> tuple[pl.DataFrame, pl.DataFrame, int, int]:
+           first_attempt: int, wanted: int, privacy: PrivacyFilter | None = None,
+           condition: Condition | None = None) -> tuple[pl.DataFrame, pl.DataFrame, int, int]:
     """Parse, complete and validate one batch (vectorized); rule-valid records then go
-    through the privacy filter.
+    through the privacy filter, and last through the run's condition (stage 'condition').
 
     Returns (records to store, rejection rows, number of valid texts, number of records taken).
     """
@@ -369,6 +403,13 @@ def _judge(domain: Domain, gen_cols: list[str], texts: list[str], run_id: str, s
             keep = np.ones(valid_rows.height, dtype=bool)
             keep[bad["row"].to_numpy()] = False
             valid_rows = valid_rows.filter(pl.Series(keep))
+    condition_rows = parse_rows.clear()
+    if condition is not None and valid_rows.height:
+        meets = condition.holds(valid_rows)
+        condition_rows = valid_rows.filter(~meets).select(
+            "attempt_id", pl.lit("condition").alias("stage"), pl.lit("where").alias("rule"),
+            pl.lit(f"does not meet the condition {condition.sql}").alias("message"))
+        valid_rows = valid_rows.filter(meets)
     n_valid = valid_rows.height
     taken = valid_rows.head(wanted)
     records = taken.select(
@@ -377,7 +418,8 @@ def _judge(domain: Domain, gen_cols: list[str], texts: list[str], run_id: str, s
         *domain.spec.names)
     rule_rows = validation.failures.select(
         attempt_ids.gather(validation.failures["row"]).alias("attempt_id"), "stage", "rule", "message")
-    rejections = pl.concat([parse_rows, rule_rows, privacy_rows]).sort("attempt_id", maintain_order=True)
+    rejections = pl.concat([parse_rows, rule_rows, privacy_rows, condition_rows]).sort("attempt_id",
+                                                                                      maintain_order=True)
     raw = pl.Series("raw_text", texts, dtype=pl.String).gather(rejections["attempt_id"] - first_attempt)
     rejections = rejections.with_columns(
         raw, pl.lit(run_id).alias("run_id"), pl.lit(shard, pl.Int64).alias("shard"),

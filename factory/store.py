@@ -28,7 +28,7 @@ import polars as pl
 from factory import __version__
 from factory.domain import Domain
 
-SCHEMA_VERSION = "3"  # 2: checks table, runs.gate, gate_failed status, run-level rejections; 3: shards
+SCHEMA_VERSION = "4"  # 2: checks table, runs.gate, gate_failed status, run-level rejections; 3: shards; 4: stage condition
 DDL_PATH = Path(__file__).resolve().parent.parent / "schemas" / "ddl.sql"
 RESERVED_SCHEMAS = {"main", "temp", "information_schema", "pg_catalog", "system", "memory"}
 _IDENT = re.compile(r"[a-z_][a-z0-9_]*\Z")

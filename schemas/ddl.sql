@@ -1,4 +1,4 @@
--- The factory's DuckDB store (schema version 3; bump factory.store.SCHEMA_VERSION on any change).
+-- The factory's DuckDB store (schema version 4; bump factory.store.SCHEMA_VERSION on any change).
 -- Static tables live in `main`. Each domain also gets a schema named after it holding
 -- `<domain>.records` (one typed column per spec column) and a `<domain>.lineage` view;
 -- those are derived from the domain's TableSpec by factory/store.py.
@@ -63,7 +63,7 @@ CREATE TABLE rejections (
     shard BIGINT,
     attempt_id BIGINT,
     batch BIGINT,
-    stage VARCHAR NOT NULL CHECK (stage IN ('parse', 'schema', 'rule', 'distribution', 'privacy')),
+    stage VARCHAR NOT NULL CHECK (stage IN ('parse', 'schema', 'rule', 'distribution', 'privacy', 'condition')),
     rule VARCHAR NOT NULL,
     message VARCHAR NOT NULL,
     raw_text VARCHAR,

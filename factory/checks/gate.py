@@ -85,12 +85,19 @@ def reference(domain) -> Reference:
     return _references[key]
 
 
-def evaluate_run(domain, records: pl.DataFrame, allow_drift: bool = False) -> GateResult:
+def evaluate_run(domain, records: pl.DataFrame, allow_drift: bool = False,
+                 reference_rows: pl.DataFrame | None = None) -> GateResult:
+    """`reference_rows`: the real rows to compare with (a conditioned run: the train rows that meet
+    its condition, factory/conditions.gate_reference); default the train split (its side of the checks
+    computed once per process)."""
     cfg = gate_config(domain)
     if records.height < max(1, cfg.min_rows):
         reason = (f"the run has {records.height:,} records, fewer than gates.min_rows = {max(1, cfg.min_rows):,}")
         return GateResult("skipped", skipped_checks(domain.spec, cfg, reason))
-    ref = reference(domain)
+    if reference_rows is None:
+        ref = reference(domain)
+    else:
+        ref = Reference.build(reference_rows, domain.spec, cfg)
     checks = distribution_checks(records, None, domain.spec, cfg, reference=ref)
     failed = any(c.status == "failed" for c in checks)
     return GateResult(("overridden" if allow_drift else "failed") if failed else "passed", checks)
@@ -101,9 +108,9 @@ def check_rows(checks: list[Check]) -> list[dict]:
              "direction": c.direction, "status": c.status, "passed": c.passed, "detail": c.detail} for c in checks]
 
 
-def run_gate(store, domain, run_id: str, allow_drift: bool = False) -> GateResult:
+def run_gate(store, domain, run_id: str, allow_drift: bool = False, reference: pl.DataFrame | None = None) -> GateResult:
     """Evaluate the stored run's records and record the checks and the outcome."""
-    result = evaluate_run(domain, store.records(domain, run_id), allow_drift)
+    result = evaluate_run(domain, store.records(domain, run_id), allow_drift, reference)
     rejections = [{"rule": c.name, "message": f"{c.describe()}: {c.detail}"} for c in result.failed] \
         if result.blocks_export else []
     store.write_gate(run_id, result.status, check_rows(result.checks), rejections)

@@ -93,8 +93,12 @@ class DomainDecoder(FrozenLM):
     @torch.no_grad()
     def generate(self, prompt: torch.Tensor | None, tokenizer: SchemaTokenizer, generator: torch.Generator,
                  temperature: float = 1.0, constrained: bool = True, batch: int | None = None,
-                 min_p: float = 0.0) -> torch.Tensor:
+                 min_p: float = 0.0, row_masks: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
         """Sample one record per prompt row; returns ids [B, L].
+
+        `row_masks` {position t: BoolTensor [B, V]}: per-row masks ANDed with the schema mask at
+        step t (conditions force a column's value this way); a row the AND would leave with no
+        token keeps the schema mask alone (the loop's condition check then rejects it).
 
         `min_p` > 0: drop tokens whose probability is below min_p times the step's most
         likely token's (min-p sampling), after the schema mask.
@@ -123,6 +127,9 @@ class DomainDecoder(FrozenLM):
             logits = logits.float() / temperature
             if constrained:
                 logits = logits.masked_fill(~tokenizer.allowed(t, state), float("-inf"))
+            if row_masks is not None and t in row_masks:  # per-row hook (conditions); see the docstring
+                forced = logits.masked_fill(~row_masks[t], float("-inf"))
+                logits = torch.where(torch.isfinite(forced).any(-1, keepdim=True), forced, logits)
             if min_p > 0:  # p / p_max < min_p  <=>  logit < max logit + log(min_p)
                 logits = logits.masked_fill(logits < logits.amax(-1, keepdim=True) + log_min_p, float("-inf"))
             # Gumbel-max: one pass, no normalization, same distribution as multinomial.

@@ -48,3 +48,62 @@ class SoftPromptInjector(nn.Module):
                               {k: POSITIVE for k in ("latent_dim", "hidden", "prompt_len", "embed_dim")}))
         inj.load_state_dict(load_file(str(Path(path) / "injector.safetensors")))
         return inj
+
+
+@dataclass
+class ConditionalInjectorConfig(InjectorConfig):
+    cond_sizes: tuple = ()  # ids per condition column (factory/difflm/condition.py)
+    cond_dim: int = 64
+
+
+class ConditionalInjector(nn.Module):
+    """injector(z, c): the soft prompt from z and an embedding of condition column values c
+    (one id per column, 0 = absent, whose embedding is zero: c all absent = unconditional).
+
+    `from_base` starts it as a trained `SoftPromptInjector` (c's input weights zero), so
+    training begins at the unconditional stack and learns what c adds."""
+
+    def __init__(self, cfg: ConditionalInjectorConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.cond = nn.ModuleList(nn.Embedding(n, cfg.cond_dim, padding_idx=0) for n in cfg.cond_sizes)
+        self.net = nn.Sequential(nn.Linear(cfg.latent_dim + cfg.cond_dim, cfg.hidden), nn.GELU(),
+                                 nn.Linear(cfg.hidden, cfg.prompt_len * cfg.embed_dim))
+
+    @classmethod
+    def from_base(cls, base: SoftPromptInjector, cond_sizes, cond_dim: int = 64) -> "ConditionalInjector":
+        b = base.cfg
+        inj = cls(ConditionalInjectorConfig(b.latent_dim, b.hidden, b.prompt_len, b.embed_dim, tuple(cond_sizes),
+                                            cond_dim))
+        with torch.no_grad():
+            inj.net[0].weight.zero_()
+            inj.net[0].weight[:, :b.latent_dim].copy_(base.net[0].weight)
+            inj.net[0].bias.copy_(base.net[0].bias)
+            inj.net[2].load_state_dict(base.net[2].state_dict())
+            for e in inj.cond:
+                nn.init.normal_(e.weight, std=0.1)
+                e.weight[0].zero_()
+        return inj
+
+    def embed_condition(self, c: torch.Tensor) -> torch.Tensor:
+        return sum(e(c[:, j]) for j, e in enumerate(self.cond))
+
+    def forward(self, z: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        h = torch.cat([z, self.embed_condition(c).to(z.dtype)], -1)
+        return self.net(h).view(z.shape[0], self.cfg.prompt_len, self.cfg.embed_dim)
+
+    def save_pretrained(self, path: str | Path):
+        from safetensors.torch import save_file
+
+        Path(path).mkdir(parents=True, exist_ok=True)
+        (Path(path) / "injector_config.json").write_text(json.dumps(asdict(self.cfg), indent=1))
+        save_file(self.state_dict(), str(Path(path) / "injector.safetensors"))
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> "ConditionalInjector":
+        from safetensors.torch import load_file
+
+        cfg = json.loads((Path(path) / "injector_config.json").read_text())
+        inj = cls(ConditionalInjectorConfig(**{**cfg, "cond_sizes": tuple(cfg["cond_sizes"])}))
+        inj.load_state_dict(load_file(str(Path(path) / "injector.safetensors")))
+        return inj

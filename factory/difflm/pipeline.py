@@ -99,12 +99,13 @@ MIN_P = 0.0
 
 class DiffLMGenerator:
     model_id = "difflm"
+    conditional = True  # generate(n, seed, condition=...) (factory/conditions.py)
 
     def __init__(self, domain, tokenizer, decoder, injector, denoiser, sampler, stats, path: Path,
                  batch_size: int = 2000, latent: str = "diffusion", constrained: bool = True,
                  temperature: float = 1.0, threads: int = 1, precision: str = "auto",
                  relations: bool = True, device: str | torch.device = "cpu", observed_max: bool = True,
-                 min_p: float = MIN_P):
+                 min_p: float = MIN_P, conditional_stack: dict | None = None, guidance: float = 1.0):
         if latent not in ("diffusion", "prior"):
             raise ModelError(f"latent must be 'diffusion' or 'prior', got {latent!r}")
         if not 0.0 <= min_p < 1.0:
@@ -126,6 +127,16 @@ class DiffLMGenerator:
         # intra-op thread costs more in wake-ups than it computes (measured: cloning a
         # 2000x227 mask took 12 ms with 2 threads under load, 0.06 ms with 1).
         torch.set_num_threads(threads)
+        # the conditional stage (`<stack>/conditional/`, optional): codec, injector(z, c), denoiser p(z | c)
+        self.cstack = None if conditional_stack is None else {
+            k: (v.to(self.device) if hasattr(v, "to") and k != "codec" else v) for k, v in conditional_stack.items()}
+        if self.cstack is not None:
+            self.cstack["stats"] = {k: v.to(self.device) for k, v in self.cstack["stats"].items()}
+            if self.cstack.get("decoder") is not None:
+                self.cstack["decoder"].to_precision(precision, self.device).to(self.device)
+        self.guidance = guidance
+        self.settings["conditional_stack"] = self.cstack is not None
+        self.settings["guidance"] = guidance
 
     @classmethod
     def from_pretrained(cls, path: str | Path, domain, device: str | torch.device = "cpu",
@@ -164,11 +175,12 @@ class DiffLMGenerator:
             den = Denoiser.from_pretrained(path / "denoiser").eval()
             sampler = EDMSampler.from_pretrained(path / "denoiser")
             stats = load_file(str(path / "denoiser" / "latent_stats.safetensors"))
+            cstack = load_conditional(path / "conditional") if opts.pop("conditional_stack", True) else None
         except ModelError:
             raise
         except (OSError, RuntimeError, ValueError, SafetensorError, json.JSONDecodeError, KeyError, TypeError) as e:
             raise ModelError(f"corrupt or mismatched DiffLM stack at {path}: {type(e).__name__}: {str(e)[:200]}") from None
-        return cls(domain, tok, dec, inj, den, sampler, stats, path, device=device, **opts)
+        return cls(domain, tok, dec, inj, den, sampler, stats, path, device=device, conditional_stack=cstack, **opts)
 
     @torch.no_grad()
     def sample_latents(self, n: int, g: torch.Generator) -> torch.Tensor:
@@ -181,15 +193,74 @@ class DiffLMGenerator:
         return x * self.stats["std"] + self.stats["mean"]
 
     @torch.no_grad()
-    def generate_ids(self, n: int, seed: int) -> torch.Tensor:
+    def generate_ids(self, n: int, seed: int, condition=None) -> torch.Tensor:
         g = torch.Generator(device=self.device).manual_seed(seed)
+        rows = condition.draw(n, seed) if condition is not None else None
         out = []
         for start in range(0, n, self.batch_size):
             b = min(self.batch_size, n - start)
-            z = self.sample_latents(b, g)
-            prompt = self.inj(z)
-            out.append(self.dec.generate(prompt, self.tok, g, self.temperature, self.constrained, min_p=self.min_p))
+            if rows is None:
+                prompt, masks = self.inj(self.sample_latents(b, g)), None
+            else:
+                part = rows[start:start + b]
+                prompt, masks = self.conditioned_prompt(part, condition, g), self.row_masks(part, condition.forced)
+            cdec = None if rows is None or self.cstack is None else self.cstack.get("decoder")
+            dec = self.dec if cdec is None else cdec
+            out.append(dec.generate(prompt, self.tok, g, self.temperature, self.constrained, min_p=self.min_p,
+                                    row_masks=masks))
         return torch.cat(out).cpu() if out else torch.zeros(0, self.tok.length, dtype=torch.long)
 
-    def generate(self, n: int, seed: int) -> list[str]:
-        return self.tok.to_texts(self.generate_ids(n, seed))
+    def conditioned_prompt(self, rows, condition, g: torch.Generator) -> torch.Tensor:
+        """The soft prompt for real rows `rows` that meet the condition: with the conditional
+        stage, z ~ p(z | c) and injector(z, c), c = the rows' values of the columns the condition
+        names; without it, the unconditional prompt (the mask and the last check still apply)."""
+        b = rows.height
+        if self.cstack is None:
+            return self.inj(self.sample_latents(b, g))
+        from .diffusion import Guided
+
+        cs = self.cstack
+        c = cs["codec"].encode(rows, keep=list(condition.columns)).to(self.device)
+        if self.latent == "prior":
+            z = torch.randn(b, cs["denoiser"].cfg.latent_dim, generator=g, device=self.device)
+        else:
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.dec.precision == "bfloat16"):
+                x = self.sampler.sample(Guided(cs["denoiser"], c, self.guidance), b, g).float()
+            z = x * cs["stats"]["std"] + cs["stats"]["mean"]
+        return cs["injector"](z, c)
+
+    def row_masks(self, rows, forced: tuple[str, ...]) -> dict[int, torch.Tensor] | None:
+        """Force each of `forced` (generated columns) to the drawn real row's value: one token per
+        position (a numeric column's every chunk)."""
+        if not forced:
+            return None
+        ids = self.tok.encode(rows).to(self.device)
+        masks = {}
+        for t, slot in enumerate(self.tok.slots):
+            if slot.column in forced:
+                m = torch.zeros(rows.height, self.tok.vocab_size, dtype=torch.bool, device=self.device)
+                m[torch.arange(rows.height, device=self.device), ids[:, t]] = True
+                masks[t] = m
+        return masks
+
+    def generate(self, n: int, seed: int, condition=None) -> list[str]:
+        return self.tok.to_texts(self.generate_ids(n, seed, condition))
+
+
+def load_conditional(path: Path) -> dict | None:
+    """The optional conditional stage of a stack (trained by factory.difflm.train.ConditionalTrainer)."""
+    if not (path / "pipeline.json").exists():
+        return None
+    from safetensors.torch import load_file
+
+    from .condition import ConditionCodec
+    from .diffusion import ConditionalDenoiser
+    from .injector import ConditionalInjector
+
+    return {"codec": ConditionCodec.from_pretrained(path),
+            "injector": ConditionalInjector.from_pretrained(path / "injector").eval(),
+            "denoiser": ConditionalDenoiser.from_pretrained(path / "denoiser").eval(),
+            "stats": load_file(str(path / "denoiser" / "latent_stats.safetensors")),
+            # its own fine-tuned copy of the decoder, if trained with decoder_lr > 0
+            "decoder": DomainDecoder.from_pretrained(path / "decoder").freeze()
+            if (path / "decoder" / "decoder.safetensors").exists() else None}
