@@ -25,8 +25,12 @@ def cli(*args, cwd):
 
 
 def run_row(db):
+    if not Path(db).exists():  # killed (on a loaded machine) before it even created the database
+        return []
     con = duckdb.connect(str(db), read_only=True)
     try:
+        if not con.execute("SELECT 1 FROM information_schema.tables WHERE table_name = 'runs'").fetchall():
+            return []  # killed between creating the file and committing its schema
         return con.execute("SELECT run_id, status, attempted, accepted, rejected FROM runs").fetchall()
     finally:
         con.close()
