@@ -31,6 +31,8 @@ def run_row(db):
         return []
     con = duckdb.connect(str(db), read_only=True)
     try:
+        if not con.execute("SELECT 1 FROM information_schema.tables WHERE table_name = 'runs'").fetchall():
+            return []  # killed between creating the file and committing its schema
         return con.execute("SELECT run_id, status, attempted, accepted, rejected FROM runs").fetchall()
     except duckdb.CatalogException:
         return []
