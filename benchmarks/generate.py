@@ -191,7 +191,7 @@ def main():
         for prec in ("bfloat16", "float32"):
             for w in (1, 2):
                 matrix.append(run_cli(args.domain, args.matrix_n, args.seed, tmp / f"{prec}-{w}",
-                                      ["--precision", prec, "--workers", str(w), "--allow-drift"],
+                                      ["--precision", prec, "--workers", str(w), "--shards", "8", "--allow-drift"],
                                       label=f"{prec}, {w} worker{'s' if w > 1 else ''}"))
         result["matrix"] = matrix
         result["startup"] = startup(tmp / "startup", args.domain)
