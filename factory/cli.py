@@ -35,6 +35,7 @@ from factory.generators import GENERATORS, GeneratorError, default_model, load_g
 from factory.inputs import InputError, read_table
 from factory.loop import (AttemptBudgetExceeded, LocalEngine, ResumeError, new_run_id, resume_generation,
                           run_generation)
+from factory.pool import PoolError
 from factory.ray_engine import EngineError, GeneratorSpec, RayEngine
 from factory.store import Store, StoreError, check_db_name
 
@@ -47,7 +48,7 @@ out = Console(width=_PIPED_WIDTH)
 err = Console(stderr=True, width=_PIPED_WIDTH)
 
 USER_ERRORS = (DomainError, StoreError, ExportError, WriteError, GeneratorError, InputError, GateError, EngineError,
-               ConditionError)
+               ConditionError, PoolError)
 ENGINES = ("local", "ray")
 INT64_MAX = 2**63 - 1
 MAX_RECORDS = 10**12  # -n: far beyond any run, and 100 x n attempts still fit a DuckDB BIGINT
@@ -191,10 +192,15 @@ def generate(
                                "'factory\\[ray]')"),
     address: Optional[str] = typer.Option(None, "--address", help="ray: an existing cluster (e.g. ray://head:10001 "
                                           "or auto); default: start a local cluster for this run"),
-    workers: int = typer.Option(2, "--workers", help="ray: worker processes (one CPU and one model each)"),
+    workers: Optional[int] = typer.Option(None, "--workers", help="worker processes, one CPU and one model each "
+                                          "(default: local min(2, CPUs), ray 2); records do not depend on it, "
+                                          "only on --shards"),
     device: str = typer.Option("cpu", "--device", metavar="[cpu|cuda|auto]",
                                help="difflm: cpu, cuda or auto (cuda if torch sees a GPU); "
                                "records depend on the device, so the run records it"),
+    precision: str = typer.Option("auto", "--precision", metavar="[auto|float32|bfloat16]",
+                                  help="difflm: auto (bfloat16 on CPUs with bf16 units, "
+                                  "else float32), float32 or bfloat16; records depend on it, so the run records it"),
     where: Optional[str] = typer.Option(None, "--where", help="SQL condition every record meets, over the exported "
                                         "columns, e.g. \"grade IN ('E','F','G') AND annual_income > 100000\"; the "
                                         "gate compares with the real train rows that meet it"),
@@ -208,15 +214,20 @@ def generate(
     nothing is exported and the exit code is 3, unless --allow-drift."""
     if engine not in ENGINES:
         fail(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
-    if engine != "ray" and (address is not None or workers != 2):
-        fail("--address and --workers apply to --engine ray only")
+    if engine != "ray" and address is not None:
+        fail("--address applies to --engine ray only")
+    if workers is None:
+        workers = default_workers() if engine == "local" else 2
     if workers <= 0:
         fail(f"--workers must be positive, got {workers}")
+    if engine == "local" and workers > (os.cpu_count() or 1):
+        err.print(f"warning: --workers {workers} is more than this machine's {os.cpu_count()} CPUs; "
+                  "extra workers only share them", soft_wrap=True)
     if resume is not None:
         if any(v is not None for v in (domain, n, model, model_dir, batch_size, shards, where, rebalance)) \
-                or device != "cpu":
-            fail("--resume reuses the run's own domain, n, seed, model, device, batch size, shards and condition "
-                 "(--where/--rebalance); do not pass them")
+                or device != "cpu" or precision != "auto":
+            fail("--resume reuses the run's own domain, n, seed, model, device, precision, batch size, shards and "
+                 "condition (--where/--rebalance); do not pass them")
         return _resume(resume, db, out_path, force, quiet, allow_drift, engine, address, workers)
     if domain is None or n is None:
         fail("generate needs --domain and -n (or --resume RUN_ID)")
@@ -238,7 +249,8 @@ def generate(
     if rebalance is not None and shards is not None:
         fail("--rebalance makes one shard per category; do not pass --shards")
     if shards is None:
-        shards = min(n, 4 * workers) if engine == "ray" and rebalance is None else 1
+        shards = (1 if rebalance is not None else min(n, 4 * workers) if engine == "ray"
+                  else default_local_shards(n))
     if not 1 <= shards <= n:
         fail(f"--shards must be between 1 and n ({n:,}), got {shards}")
     d = load_domain(domain)
@@ -246,7 +258,9 @@ def generate(
     _check_conditions(d, where, rebalance, n)
     if out_path is not None:
         check_target(out_path, force, db)  # before the run, not after it
-    generator = load_generator(d, model, model_dir=model_dir, device=device)
+    opts = {} if precision == "auto" else {"precision": precision}
+    run_engine = _engine(engine, d, model, model_dir, address, workers, device, shards, opts)
+    generator = load_generator(d, model, model_dir=model_dir, device=device, **opts)
     size = batch_size or int(d.config.get("batch_size", 1000))
     run_id = new_run_id(d)
     with Store(db) as store, _interruptible(run_id, db, quiet):
@@ -254,7 +268,7 @@ def generate(
             result = run_generation(d, generator, n, seed, store, size, max_attempts=max_attempts, run_id=run_id,
                                     progress=not quiet, allow_drift=allow_drift, shards=shards,
                                     where=where, rebalance=rebalance,
-                                    engine=_engine(engine, d, model, model_dir, address, workers, device),
+                                    engine=run_engine,
                                     settings={"model": model or default_model(d),
                                               "model_dir": str(model_dir) if model_dir else None,
                                               **getattr(generator, "settings", {})})
@@ -288,15 +302,32 @@ def _check_conditions(d, where: Optional[str], rebalance: Optional[str], n: int)
                            style="yellow"), soft_wrap=True)
 
 
-def _engine(name: str, d, model, model_dir, address, workers, device):
+LOCAL_SHARDS, LOCAL_SHARDS_FROM = 8, 10_000
+
+
+def default_workers() -> int:
+    return max(1, min(2, os.cpu_count() or 1))
+
+
+def default_local_shards(n: int) -> int:
+    """Shards of a local run: 8 from 10,000 records (enough to keep up to 8 workers busy), else 1.
+    The shard count, not the worker count, enters the seeds: 1, 2 or 8 workers give the same records."""
+    return min(n, LOCAL_SHARDS) if n >= LOCAL_SHARDS_FROM else 1
+
+
+def _engine(name: str, d, model, model_dir, address, workers, device, shards: int | None = None,
+            opts: dict | None = None):
+    spec = GeneratorSpec(d.name, model, str(Path(model_dir).resolve()) if model_dir else None,
+                         {"device": device, **(opts or {})})
     if name == "local":
-        return LocalEngine()
-    spec = GeneratorSpec(d.name, model, str(Path(model_dir).resolve()) if model_dir else None, {"device": device})
+        engine = LocalEngine(workers, spec)
+        return engine.start() if shards is None or shards > 1 else engine  # workers load while this process does
     return RayEngine(spec, address=address, workers=workers)
 
 
 def _resume(run_id: str, db: Path, out_path: Optional[Path], force: bool, quiet: bool, allow_drift: bool,
             engine: str, address: Optional[str], workers: int):
+    """Continue run_id; `workers` only decides how fast (the run's own shards give its records)."""
     if not Path(db).exists():
         fail(f"no database at {db}")
     if out_path is not None:
@@ -306,11 +337,13 @@ def _resume(run_id: str, db: Path, out_path: Optional[Path], force: bool, quiet:
         d = load_domain(run["domain"])
         settings = store.run_settings(run_id)
         device = settings.get("device", "cpu")  # the device that made the run's first batches
-        generator = load_generator(d, settings.get("model"), model_dir=settings.get("model_dir"), device=device)
+        opts = {"precision": settings["precision"]} if "precision" in settings else {}  # and its precision
+        generator = load_generator(d, settings.get("model"), model_dir=settings.get("model_dir"), device=device,
+                                   **opts)
         try:
             result = resume_generation(d, generator, store, run_id, progress=not quiet, allow_drift=allow_drift,
                                        engine=_engine(engine, d, settings.get("model"), settings.get("model_dir"),
-                                                      address, workers, device))
+                                                      address, workers, device, settings.get("shards", 1), opts))
         except ResumeError as e:
             fail(str(e))
         except AttemptBudgetExceeded as e:

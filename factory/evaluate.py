@@ -25,10 +25,13 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 import polars as pl
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 from schemas.columns import NULL_TEXT, Categorical, Numeric, TableSpec
 
@@ -42,6 +45,8 @@ SEED = 0
 # ---------------------------------------------------------------- helpers
 
 def _to_pandas(frame: pl.DataFrame, spec: TableSpec) -> pd.DataFrame:
+    import pandas as pd  # lazily: the CLI starts without pandas
+
     """Spec columns as pandas: categoricals as strings (null -> "null" category), numerics as float."""
     out = {}
     for c in spec.columns:
@@ -131,6 +136,8 @@ def mle_tasks(domain) -> tuple[MLETask, ...]:
 
 
 def _features(frame: pl.DataFrame, spec: TableSpec, names: list[str]) -> pd.DataFrame:
+    import pandas as pd
+
     """XGBoost input: numerics as float (null = missing), categoricals as pandas category
     with the spec's value set (unknown values and nulls = missing)."""
     out = {}
@@ -229,6 +236,8 @@ class _Encoder:
                 self.ranges[c.name] = (lo, (hi - lo) if hi is not None and hi > lo else 1.0)
 
     def __call__(self, frame: pl.DataFrame) -> np.ndarray:
+        import pandas as pd
+
         blocks = []
         for c in self.spec.columns:
             s = frame[c.name]

@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from factory.domain import Domain
 
 GENERATORS = ("baseline", "difflm")
+PRECISIONS = ("auto", "float32", "bfloat16")
 
 
 class GeneratorError(ValueError):
@@ -45,6 +46,8 @@ def load_generator(domain: Domain, name: str | None = None, model_dir=None, devi
             raise GeneratorError("--device cuda: the baseline runs on CPU only; use --device cpu or auto")
         if device not in ("cpu", "auto"):
             raise GeneratorError(f"--device must be one of cpu, cuda, auto, got {device!r}")
+        if opts.pop("precision", "auto") != "auto":
+            raise GeneratorError("--precision applies to --model difflm only")
         from factory.baseline import MarginalBaseline
 
         return MarginalBaseline.fit(domain, **opts)
@@ -68,6 +71,8 @@ def load_generator(domain: Domain, name: str | None = None, model_dir=None, devi
             device = resolve_device(device)
         except DeviceError as e:
             raise GeneratorError(str(e)) from None
+        if opts.get("precision", "auto") not in PRECISIONS:
+            raise GeneratorError(f"--precision must be one of {', '.join(PRECISIONS)}, got {opts['precision']!r}")
         try:
             return DiffLMGenerator.from_pretrained(model_dir, domain=domain, device=device, **opts)
         except FileNotFoundError as e:

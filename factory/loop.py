@@ -18,8 +18,9 @@ depend only on the shard's acceptance so far, so a run is deterministic for (see
 generator, batch_size, shards), whichever engine runs the shards and in whatever order.
 
 Engines run the shards: `LocalEngine` (here) one after another in this process, storing
-every batch as it goes; `factory.ray_engine.RayEngine` on a Ray cluster, storing each
-finished shard in one transaction.
+every batch as it goes, or with `workers` > 1 on that many local worker processes
+(factory.pool); `factory.ray_engine.RayEngine` on a Ray cluster. Both of the latter store
+each finished shard in one transaction.
 
 After all shards, the distribution gate (factory/checks/gate.py) compares the accepted
 records with the train split; a failed gate leaves the run with status 'gate_failed'
@@ -213,20 +214,46 @@ def store_batch(store: Store, domain: Domain, plan: RunPlan, records: pl.DataFra
 
 
 class LocalEngine:
-    """Shards one after another in this process; every batch is stored as soon as it is judged,
-    and the database file is released between batches so that readers can open it."""
+    """Shards on this machine. One worker (or one shard to do): one after another in this process;
+    every batch is stored as soon as it is judged, and the database file is released between
+    batches so that readers can open it. `workers` > 1: that many single-threaded worker
+    processes (factory.pool; `spec` says how they load the generator) each generate whole shards,
+    and this process stores each finished shard in one transaction, as with Ray."""
     name = "local"
 
+    def __init__(self, workers: int = 1, spec=None):
+        if workers <= 0:
+            raise ValueError(f"workers must be positive, got {workers}")
+        if workers > 1 and spec is None:
+            raise ValueError("workers > 1 needs a GeneratorSpec to rebuild the generator in each worker")
+        self.workers, self.spec, self.pool = workers, spec, None
+
     def settings(self) -> dict:
-        return {"engine": self.name}
+        return {"engine": self.name, "workers": self.workers}
+
+    def start(self) -> "LocalEngine":
+        """Start the worker processes now (they load the model while the caller does)."""
+        if self.workers > 1 and self.pool is None:
+            from factory.pool import WorkerPool
+
+            self.pool = WorkerPool(self.spec, self.workers).start()
+        return self
 
     def run(self, domain, generator, store, plan, todo, on_progress) -> None:
+        store.release()
+        if self.workers > 1 and len(todo) > 1:
+            from factory.pool import WorkerPool
+
+            pool, self.pool = self.pool or WorkerPool(self.spec, min(self.workers, len(todo))), None
+            return pool.run(domain, generator, store, plan, todo, on_progress)
+        if self.pool is not None:  # started, but one shard is better done here, batch by batch
+            self.pool.shutdown()
+            self.pool = None
         privacy = PrivacyFilter.for_domain(domain) if plan.gates else None
 
         def sink(records, rejections, state, done):
             store_batch(store, domain, plan, records, rejections, state, done, on_progress)
 
-        store.release()
         for state in todo:
             if not generate_shard(domain, generator, plan, state, privacy, sink):
                 raise AttemptBudgetExceeded(_budget_message(store, plan, state))

@@ -63,16 +63,17 @@ class ShardResult:
 
 
 class ShardWorker:
-    """A Ray actor (see RayEngine): one domain stack, loaded once, running shard after shard."""
+    """A Ray actor (see RayEngine) or a local worker process (factory.pool): one domain stack,
+    loaded once, running shard after shard."""
 
-    def __init__(self, spec: GeneratorSpec):
+    def __init__(self, spec: GeneratorSpec, kind: str = "ray"):
         from factory.domain import load_domain
         from factory.generators import load_generator
 
         self.domain = load_domain(spec.domain)
         self.generator = load_generator(self.domain, spec.model, model_dir=spec.model_dir, **spec.options)
         self._privacy = None  # loaded with the first shard that needs it
-        self.name = f"ray:{socket.gethostname()}:{os.getpid()}"
+        self.name = f"{kind}:{socket.gethostname()}:{os.getpid()}"
 
     def identity(self) -> tuple[str, str, str]:
         return self.generator.model_id, self.generator.model_version, self.domain.rule_set_hash

@@ -17,9 +17,13 @@ import hashlib
 import json
 from dataclasses import dataclass
 
-import pandera.polars as pa
+from typing import TYPE_CHECKING
+
 import polars as pl
-from pandera.api.polars.types import PolarsData
+
+if TYPE_CHECKING:  # pandera (and with it pandas) loads on first validation, so the CLI starts fast
+    import pandera.polars as pa
+    from pandera.api.polars.types import PolarsData
 
 from schemas.columns import Categorical, Numeric, TableSpec
 
@@ -34,6 +38,8 @@ class Rule:
 
 
 def _rule_check(rule: Rule) -> pa.Check:
+    import pandera.polars as pa
+
     def check(data: PolarsData) -> pl.LazyFrame:
         return data.lazyframe.select(rule.expr.fill_null(False).alias(rule.name))
 
@@ -55,6 +61,8 @@ def column_rule_names(col) -> dict[str, str]:
 
 
 def build_schema(spec: TableSpec, rules: list[Rule]) -> pa.DataFrameSchema:
+    import pandera.polars as pa
+
     columns = {}
     for c in spec.columns:
         if isinstance(c, Numeric):
@@ -110,6 +118,8 @@ class Validator:
         return faults
 
     def validate(self, df: pl.DataFrame) -> Validation:
+        import pandera.polars as pa
+
         n = df.height
         faults = self.structure_faults(df)
         rows = [(i, "schema", name) for name in faults for i in range(n)]  # a column fault fails every row

@@ -81,7 +81,7 @@ def test_ray_two_workers_one_killed_gives_exactly_n_and_the_local_records(tmp_pa
 
 def test_engine_option_mistakes(tmp_path):
     for args, msg in [(("--engine", "spark"), "--engine must be one of"),
-                      (("--workers", 3), "apply to --engine ray only"),
+                      (("--address", "auto"), "applies to --engine ray only"),
                       (("--engine", "ray", "--workers", 0), "--workers must be positive"),
                       (("--shards", 0), "--shards must be between 1 and n"),
                       (("--shards", 11), "--shards must be between 1 and n"),

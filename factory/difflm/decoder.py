@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
 
@@ -93,7 +94,8 @@ class DomainDecoder(FrozenLM):
     @torch.no_grad()
     def generate(self, prompt: torch.Tensor | None, tokenizer: SchemaTokenizer, generator: torch.Generator,
                  temperature: float = 1.0, constrained: bool = True, batch: int | None = None,
-                 min_p: float = 0.0, row_masks: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
+                 min_p: float = 0.0, row_masks: dict[int, torch.Tensor] | None = None,
+                 impl: str = "fast") -> torch.Tensor:
         """Sample one record per prompt row; returns ids [B, L].
 
         `row_masks` {position t: BoolTensor [B, V]}: per-row masks ANDed with the schema mask at
@@ -103,28 +105,42 @@ class DomainDecoder(FrozenLM):
         `min_p` > 0: drop tokens whose probability is below min_p times the step's most
         likely token's (min-p sampling), after the schema mask.
         With `constrained`, each step's logits are masked to what the schema allows
-        (tokenizer.allowed), so every output parses by construction. The KV cache is
-        pre-allocated (transformers' StaticCache): the default growing cache re-copied
-        itself every step and took 62% of generation time (profiled, batch 2000).
+        (tokenizer.allowed), so every output parses by construction.
+        `impl`: "fast" (default) runs the LM's own weights through `DecodeStep` (a pre-allocated
+        KV cache and attention over the cached positions only); "transformers" runs the Llama
+        model's forward over a StaticCache (the reference the tests compare with; 3-5x slower).
         Runs in the LM's own dtype (see `to_precision`) and on its device: `generator` and
         the tokenizer's masks (`SchemaTokenizer.to`) must be on that device too.
         """
-        lm = self.lm
         dev = self.null_prompt.device
         B = prompt.shape[0] if prompt is not None else batch
         if prompt is None:
             prompt = self.null_prompt.expand(B, -1, -1)
         k = prompt.shape[1]
-        cache = StaticCache(config=lm.config, max_cache_len=k + 1 + tokenizer.length)
         bos = self.embed(torch.full((B, 1), BOS, dtype=torch.long, device=dev))
         x = torch.cat([prompt.to(bos.dtype), bos], 1)
-        logits = lm(inputs_embeds=x, cache=cache, use_cache=True,
-                    position_ids=torch.arange(k + 1, device=dev)[None]).logits[:, -1]
+        if impl == "fast":
+            run = self.decode_step().start(B, k + 1 + tokenizer.length)
+            for p in range(k):
+                run.step(x[:, p], p, logits=False)
+            logits = run.step(x[:, k], k)
+            forward = lambda nxt, p: run.step(self.embed(nxt), p)  # noqa: E731
+        elif impl == "transformers":
+            lm = self.lm
+            cache = StaticCache(config=lm.config, max_cache_len=k + 1 + tokenizer.length)
+            logits = lm(inputs_embeds=x, cache=cache, use_cache=True,
+                        position_ids=torch.arange(k + 1, device=dev)[None]).logits[:, -1]
+            forward = lambda nxt, p: lm(input_ids=nxt[:, None], cache=cache, use_cache=True,  # noqa: E731
+                                        position_ids=torch.tensor([[p]], device=dev)).logits[:, -1]
+        else:
+            raise ValueError(f"impl must be fast or transformers, got {impl!r}")
         state = tokenizer.init_state(B)
         tokens = []
         log_min_p = math.log(min_p) if min_p > 0 else None
         for t in range(tokenizer.length):
-            logits = logits.float() / temperature
+            logits = logits.float()
+            if temperature != 1.0:
+                logits = logits / temperature
             if constrained:
                 logits = logits.masked_fill(~tokenizer.allowed(t, state), float("-inf"))
             if row_masks is not None and t in row_masks:  # per-row hook (conditions); see the docstring
@@ -138,13 +154,23 @@ class DomainDecoder(FrozenLM):
             state = tokenizer.advance(t, state, nxt)
             tokens.append(nxt)
             if t + 1 < tokenizer.length:
-                pos = torch.tensor([[k + 1 + t]], device=dev)
-                logits = lm(input_ids=nxt[:, None], cache=cache, use_cache=True, position_ids=pos).logits[:, -1]
+                logits = forward(nxt, k + 1 + t)
         return torch.stack(tokens, 1)
 
+    def decode_step(self) -> "DecodeStep":
+        """The LM's weights laid out for `DecodeStep`, rebuilt when they change (dtype, device, training)."""
+        key = tuple((id(p), p.dtype, p.device, p.data_ptr(), p._version) for p in self.lm.parameters())
+        if getattr(self, "_step_key", None) != key:
+            self._step, self._step_key = DecodeStep(self.lm), key
+        return self._step
+
     def to_precision(self, precision: str, device: torch.device | None = None) -> "DomainDecoder":
-        """"float32", "bfloat16", or "auto": bfloat16 where the CPU has native bf16 units (1.9x faster
-        here), or, for a CUDA `device`, where the GPU supports bf16."""
+        """"float32", "bfloat16", or "auto": bfloat16 where the CPU has native bf16 units, or, for a
+        CUDA `device`, where the GPU supports bf16. Chosen from CPU features, never from a timing at
+        load (that would make records depend on the machine's load). Measured on an AMD EPYC with
+        avx512_bf16 and no AMX (reports/benchmarks/decode_step.md): bf16 matrix products 4.8x faster
+        than float32, the whole decode loop 1.6x; AMX CPUs gain more. Without bf16 units torch
+        emulates it, slower than float32."""
         if precision == "auto":
             if device is not None and torch.device(device).type == "cuda":
                 precision = "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
@@ -178,3 +204,83 @@ class DomainDecoder(FrozenLM):
                              f"unexpected {unexpected[:3]}")
         model.lm.tie_weights()
         return model
+
+
+class DecodeStep:
+    """One decode step of a transformers Llama model for a batch of rows, with the SAME weights
+    (read from the model, never copied to disk: save/load stays the model's own), shaped for short
+    fixed-length records.
+
+    transformers' forward over a StaticCache attends to every slot of the cache with a mask, copies
+    the new keys through index_copy and builds masks and rotary tables each step: 43% of generation
+    time in its SDPA at 56-token records (py-spy), more than all the matrix products. Here:
+    - one pre-allocated cache per run, keys stored transposed [B, heads, head_dim, T] so the fused
+      attention loop (factory/difflm/attention.py) reads them along positions;
+    - attention over the t cached positions only;
+    - q, k, v and their rotate_half images in one matrix product (the rotation folded into extra
+      weight rows: exact, a negation and a permutation), gate and up in one, rotary tables built once.
+    The maths is transformers' LlamaDecoderLayer op for op (RMSNorm in float32, residual adds in
+    the model dtype); tests/test_decode_step.py checks logits and sampled ids against it.
+    """
+
+    def __init__(self, lm):
+        from .attention import implementation
+
+        cfg, m = lm.config, lm.model
+        self.heads = cfg.num_attention_heads
+        self.hidden = cfg.hidden_size
+        self.head_dim = getattr(cfg, "head_dim", None) or self.hidden // self.heads
+        if cfg.num_key_value_heads != self.heads or cfg.attention_bias or cfg.mlp_bias or cfg.hidden_act != "silu":
+            raise ValueError("DecodeStep supports Llama with full multi-head attention, no biases, SiLU")
+        self.eps = cfg.rms_norm_eps
+        self.scale = self.head_dim ** -0.5
+        self.inter = cfg.intermediate_size
+        h, hd = self.heads, self.head_dim
+
+        def rotated(w):  # rows such that rotated(W) @ x == rotate_half(W @ x) per head
+            w = w.view(h, hd, -1)
+            return torch.cat([-w[:, hd // 2:], w[:, :hd // 2]], 1).reshape(h * hd, -1)
+
+        self.layers = []
+        for layer in m.layers:
+            a, mlp = layer.self_attn, layer.mlp
+            q, kk, v = a.q_proj.weight, a.k_proj.weight, a.v_proj.weight
+            self.layers.append((
+                layer.input_layernorm.weight, torch.cat([q, kk, v, rotated(q), rotated(kk)]).contiguous(),
+                a.o_proj.weight, layer.post_attention_layernorm.weight,
+                torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).contiguous(), mlp.down_proj.weight))
+        self.norm = m.norm.weight
+        self.head, self.head_bias = lm.lm_head.weight, lm.lm_head.bias
+        self.dtype, self.device = self.head.dtype, self.head.device
+        positions = torch.arange(cfg.max_position_embeddings, device=self.device)[None]
+        cos, sin = m.rotary_emb(self.head, position_ids=positions)  # [1, P, hd] in the model dtype
+        self.cos, self.sin = cos[0].repeat(1, 2 * h), sin[0].repeat(1, 2 * h)  # [P, 2H]: q and k side by side
+        self.attention = implementation() if self.device.type == "cpu" else "sdpa"
+
+    def start(self, batch: int, length: int) -> "DecodeStep":
+        L = len(self.layers)
+        shape = (L, batch, self.heads)
+        self.Kt = torch.empty(*shape, self.head_dim, length, dtype=self.dtype, device=self.device)
+        self.V = torch.empty(*shape, length, self.head_dim, dtype=self.dtype, device=self.device)
+        return self
+
+    def _rms(self, x, w):  # transformers' LlamaRMSNorm
+        xf = x.to(torch.float32)
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return w * xf.to(x.dtype)
+
+    def step(self, x: torch.Tensor, pos: int, logits: bool = True) -> torch.Tensor | None:
+        """x [B, H]: the input embedding at position `pos` (earlier positions are cached). -> logits [B, V]."""
+        from .attention import decode_attention
+
+        H = self.hidden
+        cos, sin, t = self.cos[pos], self.sin[pos], pos + 1
+        for i, (ln1, wqkv, wo, ln2, wgu, wd) in enumerate(self.layers):
+            y = F.linear(self._rms(x, ln1), wqkv)  # [B, 5H]: q, k, v, rotate_half(q), rotate_half(k)
+            qk = y[:, :2 * H] * cos + y[:, 3 * H:] * sin
+            att = decode_attention(qk[:, :H], qk[:, H:], y[:, 2 * H:3 * H], self.Kt[i], self.V[i], t, self.scale,
+                                   self.attention)  # also stores k, v at `pos`
+            x = x + F.linear(att, wo)
+            gu = F.linear(self._rms(x, ln2), wgu)
+            x = x + F.linear(F.silu(gu[:, :self.inter]) * gu[:, self.inter:], wd)
+        return F.linear(self._rms(x, self.norm), self.head, self.head_bias) if logits else None

@@ -122,7 +122,9 @@ class DiffLMGenerator:
         self.settings = {"latent": latent, "constrained": constrained, "temperature": temperature,
                          "precision": self.dec.precision, "decode_batch": batch_size, "relations": relations,
                          "observed_max": observed_max and relations and constrained, "min_p": min_p,
-                         "diffusion_steps": sampler.cfg.steps, "device": self.device.type}
+                         "diffusion_steps": sampler.cfg.steps, "device": self.device.type,
+                         # fused C++ or torch SDPA: equal up to float rounding, so the run says which ran
+                         "attention": self.dec.decode_step().attention}
         # One thread: decoding is ~60 small ops per step, and on 2 shared cores a second
         # intra-op thread costs more in wake-ups than it computes (measured: cloning a
         # 2000x227 mask took 12 ms with 2 threads under load, 0.06 ms with 1).

@@ -1,0 +1,90 @@
+"""Shards on local worker processes: the local engine with `--workers W` > 1.
+
+Each worker is a spawned, single-threaded process that loads the domain and its model once
+(factory.ray_engine.ShardWorker, the same code a Ray actor runs) and generates whole shards;
+finished shards come back to the main process, which stores each in one transaction
+(factory.loop.store_batch), exactly like the Ray engine. One thread per worker: the decoder's
+ops are small, and on shared cores a second intra-op thread costs more in wake-ups than it
+computes, so W single-threaded processes use W cores far better than one W-threaded process.
+
+A shard is a pure function of (plan, shard state), so which worker runs it, and in what
+order shards finish, does not change a record. A killed run keeps its finished shards;
+`--resume` redoes the others.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+
+from factory.loop import AttemptBudgetExceeded, _budget_message, store_batch
+
+THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE",
+              "TOKENIZERS_PARALLELISM": "false"}
+
+_worker = None  # this process's ShardWorker (set by _init in a worker process)
+
+
+class PoolError(RuntimeError):
+    """A local worker process died (killed, out of memory)."""
+
+
+def _init(spec):
+    os.environ.update(THREAD_ENV)  # before torch is imported in this process
+    from factory.ray_engine import ShardWorker
+
+    global _worker
+    _worker = ShardWorker(spec, kind="local")
+
+
+def _identity():
+    return _worker.identity()
+
+
+def _run_shard(plan, state):
+    return _worker.run_shard(plan, state)
+
+
+class WorkerPool:
+    """W spawned worker processes; `start()` early so that they load while the main process does too."""
+
+    def __init__(self, spec, workers: int):
+        self.spec, self.workers, self.executor = spec, workers, None
+
+    def start(self) -> "WorkerPool":
+        if self.executor is None:
+            # spawn, not fork: a forked child inherits torch's thread pools and locks mid-state
+            self.executor = ProcessPoolExecutor(self.workers, mp_context=mp.get_context("spawn"), initializer=_init,
+                                                initargs=(self.spec,))
+        return self
+
+    def shutdown(self):
+        if self.executor is not None:
+            self.executor.shutdown(wait=True, cancel_futures=True)
+            self.executor = None
+
+    def run(self, domain, generator, store, plan, todo, on_progress) -> None:
+        self.start()
+        want = (generator.model_id, generator.model_version, domain.rule_set_hash)
+        try:
+            who = self.executor.submit(_identity).result()
+            if tuple(who) != want:
+                raise PoolError(f"a worker loaded {who[0]} {who[1]} (rules {who[2]}), the main process "
+                                f"{want[0]} {want[1]} (rules {want[2]})")
+            pending = {self.executor.submit(_run_shard, plan, s): s for s in todo}
+            while pending:
+                done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in sorted(done, key=lambda f: pending[f].shard):
+                    state = pending.pop(fut)
+                    result = fut.result()
+                    store_batch(store, domain, plan, result.records, result.rejections, result.state,
+                                result.complete, on_progress, result.worker)
+                    if not result.complete:
+                        raise AttemptBudgetExceeded(_budget_message(store, plan, result.state))
+                    del state
+        except BrokenProcessPool:
+            raise PoolError(f"a local worker process died; finished shards are stored, continue with "
+                            f"`factory generate --resume {plan.run_id}`") from None
+        finally:
+            self.shutdown()

@@ -1,0 +1,79 @@
+"""The fast decode step (DecodeStep + fused attention) against transformers' own Llama forward."""
+import pytest
+import torch
+
+from factory.difflm import attention
+from factory.difflm.decoder import DecoderConfig, DomainDecoder
+from factory.difflm.tokenizer import SchemaTokenizer
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def tok(finance):
+    return SchemaTokenizer(finance.spec, finance.spec.generated_names)
+
+
+def tiny(tok, seed=0, layers=2, heads=2, hidden=32):
+    torch.manual_seed(seed)
+    dec = DomainDecoder(DecoderConfig(hidden_size=hidden, num_layers=layers, num_heads=heads, intermediate_size=48,
+                                      prompt_len=3, vocab_size=tok.vocab_size, seq_len=tok.length)).freeze()
+    with torch.no_grad():  # random weights of the trained model's scale, so attention is not uniform
+        for p in dec.parameters():
+            p.normal_(0, 0.3)
+    return dec
+
+
+@pytest.mark.parametrize("impl", ["fused", "sdpa"])
+@pytest.mark.parametrize("heads,hidden", [(2, 32), (4, 128)])
+def test_step_logits_match_the_transformers_forward(tok, impl, heads, hidden):
+    dec = tiny(tok, heads=heads, hidden=hidden)
+    B, k, L = 7, 3, 20
+    x = torch.randn(B, k + L, hidden)
+    with torch.no_grad():
+        ref = dec.lm(inputs_embeds=x, use_cache=False).logits  # full causal forward, float32
+        step = dec.decode_step()
+        step.attention = impl
+        step.start(B, k + L)
+        got = torch.stack([step.step(x[:, p], p) for p in range(k + L)], 1)
+    assert got.shape == ref.shape
+    assert torch.allclose(got, ref, atol=2e-4, rtol=1e-4), (got - ref).abs().max()
+    assert not torch.allclose(got[:, 1:], got[:, :1].expand_as(got[:, 1:]))  # positions do matter
+
+
+def test_fused_attention_matches_sdpa_in_both_precisions():
+    torch.manual_seed(1)
+    B, h, hd, T = 5, 3, 32, 12
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        qkv = torch.randn(B, 3 * h * hd).to(dtype)  # strided rows, as the step passes them
+        q, k, v = qkv[:, :h * hd], qkv[:, h * hd:2 * h * hd], qkv[:, 2 * h * hd:]
+        Kt, V = torch.randn(B, h, hd, T).to(dtype), torch.randn(B, h, T, hd).to(dtype)
+        Kt2, V2 = Kt.float().clone(), V.float().clone()
+        for t in (1, 5, T):
+            a = attention.decode_attention(q, k, v, Kt, V, t, 0.2, "fused").float()
+            b = attention.decode_attention(q.float(), k.float(), v.float(), Kt2, V2, t, 0.2, "sdpa")
+            assert torch.allclose(a, b, atol=tol), (dtype, t, (a - b).abs().max())
+            assert torch.equal(Kt.float(), Kt2) and torch.equal(V.float(), V2)  # both stored k, v at t - 1
+
+
+def test_fast_generate_samples_the_same_ids_as_transformers_in_float32(tok, finance):
+    dec = tiny(tok, layers=2, heads=4, hidden=128)
+    prompt = torch.randn(64, 3, 128) * 0.5
+    runs = {impl: dec.generate(prompt, tok, torch.Generator().manual_seed(5), impl=impl)
+            for impl in ("fast", "transformers")}
+    assert torch.equal(runs["fast"], runs["transformers"])
+    other = dec.generate(prompt, tok, torch.Generator().manual_seed(6))
+    assert not torch.equal(other, runs["fast"])
+    _, _, errors = finance.serializer.parse_many(tok.to_texts(runs["fast"]), finance.spec.generated_names)
+    assert errors == []
+
+
+def test_step_is_rebuilt_when_the_weights_change(tok):
+    dec = tiny(tok)
+    first = dec.decode_step()
+    assert dec.decode_step() is first
+    with torch.no_grad():
+        dec.lm.model.norm.weight.mul_(2)
+    assert dec.decode_step() is not first
+    dec.to(torch.bfloat16)
+    assert dec.decode_step().dtype == torch.bfloat16
