@@ -33,10 +33,9 @@ from factory.export import ExportError, check_target, export_run, manifest_path
 from factory.files import WriteError, atomic_write_text
 from factory.generators import GENERATORS, GeneratorError, default_model, load_generator
 from factory.inputs import InputError, read_table
-from factory.loop import (AttemptBudgetExceeded, LocalEngine, ResumeError, new_run_id, resume_generation,
-                          run_generation)
+from factory.loop import AttemptBudgetExceeded, ResumeError, new_run_id, resume_generation
 from factory.pool import PoolError
-from factory.ray_engine import EngineError, GeneratorSpec, RayEngine
+from factory.ray_engine import EngineError
 from factory.store import Store, StoreError, check_db_name
 
 STARTED = time.perf_counter()  # the command's start, for the wall time its summary reports
@@ -217,6 +216,8 @@ def generate(
     if engine != "ray" and address is not None:
         fail("--address applies to --engine ray only")
     if workers is None:
+        from factory.api import default_workers
+
         workers = default_workers() if engine == "local" else 2
     if workers <= 0:
         fail(f"--workers must be positive, got {workers}")
@@ -249,8 +250,9 @@ def generate(
     if rebalance is not None and shards is not None:
         fail("--rebalance makes one shard per category; do not pass --shards")
     if shards is None:
-        shards = (1 if rebalance is not None else min(n, 4 * workers) if engine == "ray"
-                  else default_local_shards(n))
+        from factory.api import default_shards
+
+        shards = 1 if rebalance is not None else default_shards(n, engine, workers)
     if not 1 <= shards <= n:
         fail(f"--shards must be between 1 and n ({n:,}), got {shards}")
     d = load_domain(domain)
@@ -258,37 +260,43 @@ def generate(
     _check_conditions(d, where, rebalance, n)
     if out_path is not None:
         check_target(out_path, force, db)  # before the run, not after it
-    opts = {} if precision == "auto" else {"precision": precision}
-    run_engine = _engine(engine, d, model, model_dir, address, workers, device, shards, opts)
-    generator = load_generator(d, model, model_dir=model_dir, device=device, **opts)
-    size = batch_size or int(d.config.get("batch_size", 1000))
+    from factory import api
+
     run_id = new_run_id(d)
-    with Store(db) as store, _interruptible(run_id, db, quiet):
+    with _interruptible(run_id, db, quiet, announce=False):
         try:
-            result = run_generation(d, generator, n, seed, store, size, max_attempts=max_attempts, run_id=run_id,
-                                    progress=not quiet, allow_drift=allow_drift, shards=shards,
-                                    where=where, rebalance=rebalance,
-                                    engine=run_engine,
-                                    settings={"model": model or default_model(d),
-                                              "model_dir": str(model_dir) if model_dir else None,
-                                              **getattr(generator, "settings", {})})
+            run = api.generate(d, n, seed=seed, where=where, rebalance=rebalance, model=model, model_dir=model_dir,
+                               db=db, allow_drift=allow_drift, batch_size=batch_size, max_attempts=max_attempts,
+                               shards=shards, engine=engine, workers=workers, address=address, device=device,
+                               precision=precision, progress=not quiet, run_id=run_id,
+                               on_start=lambda rid: _announce(rid, db, quiet))
         except AttemptBudgetExceeded as e:
             fail(str(e), code=1)
-        _finish(store, d, generator, result, n, out_path, force, allow_drift, db)
+        except GateFailed as e:  # stored, refused: the summary says so, then exit 3
+            run = e.run
+        try:
+            _finish(run.store, d, run.generator, run.result, n, out_path, force, allow_drift, db)
+        finally:
+            run.close()
 
 
 @contextlib.contextmanager
-def _interruptible(run_id: str, db: Path, quiet: bool):
-    """Say which run this is before it starts, and how to continue it if Ctrl-C stops it: every batch
-    stored before the interruption is kept, and `--resume` ends with exactly what an uninterrupted run
-    stores."""
-    if not quiet:
-        err.print(f"run {run_id} (database {db})", soft_wrap=True, highlight=False)
+def _interruptible(run_id: str, db: Path, quiet: bool, announce: bool = True):
+    """Say which run this is before it starts (`announce`; else the caller does, via `_announce`), and how
+    to continue it if Ctrl-C stops it: every batch stored before the interruption is kept, and `--resume`
+    ends with exactly what an uninterrupted run stores."""
+    if announce:
+        _announce(run_id, db, quiet)
     try:
         yield
     except KeyboardInterrupt:
         fail(f"interrupted: run {run_id} keeps every batch stored so far; continue it with "
              f"`factory generate --resume {run_id} --db {db}`", code=130)
+
+
+def _announce(run_id: str, db: Path, quiet: bool) -> None:
+    if not quiet:
+        err.print(f"run {run_id} (database {db})", soft_wrap=True, highlight=False)
 
 
 def _check_conditions(d, where: Optional[str], rebalance: Optional[str], n: int) -> None:
@@ -302,27 +310,11 @@ def _check_conditions(d, where: Optional[str], rebalance: Optional[str], n: int)
                            style="yellow"), soft_wrap=True)
 
 
-LOCAL_SHARDS, LOCAL_SHARDS_FROM = 8, 10_000
-
-
-def default_workers() -> int:
-    return max(1, min(2, os.cpu_count() or 1))
-
-
-def default_local_shards(n: int) -> int:
-    """Shards of a local run: 8 from 10,000 records (enough to keep up to 8 workers busy), else 1.
-    The shard count, not the worker count, enters the seeds: 1, 2 or 8 workers give the same records."""
-    return min(n, LOCAL_SHARDS) if n >= LOCAL_SHARDS_FROM else 1
-
-
 def _engine(name: str, d, model, model_dir, address, workers, device, shards: int | None = None,
             opts: dict | None = None):
-    spec = GeneratorSpec(d.name, model, str(Path(model_dir).resolve()) if model_dir else None,
-                         {"device": device, **(opts or {})})
-    if name == "local":
-        engine = LocalEngine(workers, spec)
-        return engine.start() if shards is None or shards > 1 else engine  # workers load while this process does
-    return RayEngine(spec, address=address, workers=workers)
+    from factory.api import make_engine
+
+    return make_engine(name, d, model, model_dir, address, workers, device, shards, opts)
 
 
 def _resume(run_id: str, db: Path, out_path: Optional[Path], force: bool, quiet: bool, allow_drift: bool,
