@@ -251,7 +251,7 @@ class Trainer:
         Cached outside the model folder (which gets shipped): in `encoder_cache_dir()`, under a hash
         of the records' texts and the encoder settings, so a cache is reused only for the same data."""
         texts_of = {split: self._texts(split) for split in ("train", "val")}
-        path = encoder_cache_path(texts_of, self.cfg.encoder)
+        path = encoder_cache_path(texts_of, enc.cfg)
         if path.exists():
             from .config import ModelError
 
