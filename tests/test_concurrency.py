@@ -39,7 +39,7 @@ def snapshot(db):
 def test_readers_query_while_a_run_writes(tmp_path):
     db = tmp_path / "live.duckdb"
     writer = cli("generate", "-d", "toy", "-n", 4000, "--model", "baseline", "--batch-size", 40, "--seed", 2,
-                 "-q", "--allow-drift", "--shards", 2, "--db", db, cwd=tmp_path)
+                 "-q", "--allow-drift", "--shards", 2, "--workers", 1, "--db", db, cwd=tmp_path)
     seen, sql_ok = [], 0
     deadline = time.monotonic() + 240
     while writer.poll() is None and time.monotonic() < deadline:

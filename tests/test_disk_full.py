@@ -17,7 +17,9 @@ from factory.store import Store
 
 TOY = str(Path(__file__).parent / "domains")
 pytestmark = pytest.mark.slow
-ARGS = ("-d", "toy", "-n", 12000, "--model", "baseline", "--batch-size", 200, "--seed", 6, "-q", "--allow-drift")
+# one shard, in this process: every batch is its own transaction (what a full disk must not tear)
+ARGS = ("-d", "toy", "-n", 12000, "--model", "baseline", "--batch-size", 200, "--seed", 6, "-q", "--allow-drift",
+        "--shards", 1)
 
 
 def cli(*args, cwd, max_file_bytes=None):

@@ -254,7 +254,9 @@ class NarrowToy:
 
 @pytest.fixture
 def narrow(monkeypatch):
-    monkeypatch.setattr(cli, "load_generator", lambda d, model=None, model_dir=None, **_: NarrowToy(d))
+    from factory import api
+
+    monkeypatch.setattr(api, "load_generator", lambda d, model=None, model_dir=None, **_: NarrowToy(d))
 
 
 def test_failing_gate_refuses_export(tmp_path, narrow):

@@ -482,7 +482,8 @@ def test_huge_n_beyond_the_attempt_budget_stops_at_the_budget(tmp_path):
     """10^12 records with a budget of 200 attempts: exit 1 after 200 attempts (nothing sized by n
     is allocated up front), naming the reasons; the run is recorded as failed."""
     db = tmp_path / "f.duckdb"
-    r = invoke("generate", "-d", "toy", "--model", "baseline", "-n", 10**12, "--max-attempts", 200, "--db", db, "-q")
+    r = invoke("generate", "-d", "toy", "--model", "baseline", "-n", 10**12, "--max-attempts", 200, "--shards", 1,
+               "--db", db, "-q")
     assert_one_line_error(r, "attempt budget exhausted", "of 1,000,000,000,000 records after 200 attempts",
                           "kind_matches_area", code=1)
     con = duckdb.connect(str(db), read_only=True)

@@ -68,16 +68,17 @@ class Denoiser(nn.Module):
             h = b(h, emb)
         return c_skip * x + c_out * self.out(h)
 
-    def loss(self, x0: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """The noise is drawn on the generator's device (training keeps a CPU generator, so the
-        draws and the resumable RNG state do not depend on the device) and moved to x0's."""
+    def loss(self, x0: torch.Tensor, generator: torch.Generator | None = None, **cond) -> torch.Tensor:
+        """EDM's denoising loss. The noise is drawn on the generator's device (training keeps a CPU
+        generator, so the draws and the resumable RNG state do not depend on the device) and moved to
+        x0's. `cond`: passed to the forward (a conditional denoiser's `c`)."""
         cfg = self.cfg
         dev = generator.device if generator is not None else x0.device
         sigma = (torch.randn(x0.shape[0], generator=generator, device=dev).to(x0.device) * cfg.p_std
                  + cfg.p_mean).exp()
         weight = (sigma**2 + cfg.sigma_data**2) / (sigma * cfg.sigma_data) ** 2
         noisy = x0 + torch.randn(x0.shape, generator=generator, device=dev).to(x0.device) * sigma[:, None]
-        return (weight[:, None] * (self(noisy, sigma) - x0) ** 2).mean()
+        return (weight[:, None] * (self(noisy, sigma, **cond) - x0) ** 2).mean()
 
     def save_pretrained(self, path: str | Path):
         from safetensors.torch import save_file
@@ -172,15 +173,6 @@ class ConditionalDenoiser(Denoiser):
         for b in self.blocks:
             h = b(h, emb)
         return c_skip * x + c_out * self.out(h)
-
-    def loss(self, x0: torch.Tensor, c: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        cfg = self.cfg
-        dev = generator.device if generator is not None else x0.device
-        sigma = (torch.randn(x0.shape[0], generator=generator, device=dev).to(x0.device) * cfg.p_std
-                 + cfg.p_mean).exp()
-        weight = (sigma**2 + cfg.sigma_data**2) / (sigma * cfg.sigma_data) ** 2
-        noisy = x0 + torch.randn(x0.shape, generator=generator, device=dev).to(x0.device) * sigma[:, None]
-        return (weight[:, None] * (self(noisy, sigma, c) - x0) ** 2).mean()
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> "ConditionalDenoiser":

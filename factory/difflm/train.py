@@ -667,7 +667,7 @@ class ConditionalTrainer:
             start = ck["step"]
         for step in range(start, cfg.diffusion_steps):
             idx = torch.randint(len(x), (cfg.diffusion_batch,), generator=g)
-            loss = den.loss(x[idx], column_dropout(c_tr[idx], g, cfg.p_empty, cfg.max_keep), g)
+            loss = den.loss(x[idx], g, c=column_dropout(c_tr[idx], g, cfg.p_empty, cfg.max_keep))
             opt.zero_grad()
             loss.backward()
             opt.step(), sched.step()
