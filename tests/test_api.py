@@ -47,3 +47,10 @@ def test_validate_names_the_broken_rule(finance):
 
 def test_domains_lists_builtin_and_external():
     assert {"finance", "toy"} <= set(factory.domains())
+
+
+def test_generate_with_a_condition_like_the_cli():
+    run = factory.generate("toy", 60, seed=4, model="baseline", batch_size=32, where="width > 8", allow_drift=True)
+    assert run.records.height == 60 and (run.records["width"] > 8).all()
+    assert run.store.run_settings(run.run_id)["where"] == "width > 8"
+    run.close()
