@@ -49,12 +49,15 @@ class Run:
         """The accepted records, in the domain's column order (what an export writes)."""
         return self.store.records(self.domain, self.run_id)
 
-    def export(self, path: str | Path, *, force: bool = False, allow_drift: bool = False) -> Path:
-        """Write the records to .parquet or .csv with `<path>.manifest.json` beside them; returns the path."""
+    def export(self, path: str | Path, *, force: bool = False, allow_drift: bool = False, money: str = "decimal",
+               lineage: bool = False) -> Path:
+        """Write the records to .parquet or .csv with `<path>.manifest.json` beside them; returns the path.
+        `money`: "decimal" (exact, as stored) or "float"; `lineage`: run_id, shard, record_id first."""
         from factory.export import check_target, export_run
 
         path = check_target(path, force)
-        export_run(self.store, self.domain, self.run_id, path, force, allow_drift=allow_drift)
+        export_run(self.store, self.domain, self.run_id, path, force, allow_drift=allow_drift, money=money,
+                   lineage=lineage)
         return path
 
     def close(self) -> None:

@@ -55,6 +55,10 @@ VALIDATE_CHUNK = 100_000
 ALLOW_DRIFT = typer.Option(False, "--allow-drift",
                            help="export even if the distribution gate failed (the manifest records the override)")
 DB_OPTION = typer.Option(Path("factory.duckdb"), "--db", help="DuckDB file holding runs, records and rejections")
+MONEY_OPTION = typer.Option("decimal", "--money", metavar="[decimal|float]",
+                            help="export: columns with decimals as exact decimals (as stored; Parquet DECIMAL) "
+                            "or as floats")
+LINEAGE_OPTION = typer.Option(False, "--lineage", help="export: add run_id, shard and record_id columns first")
 FORMATS = ("table", "csv", "json")
 def _check_format(value: str) -> str:
     if value not in FORMATS:
@@ -183,6 +187,8 @@ def generate(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
     model_dir: Optional[Path] = typer.Option(None, "--model-dir", help="difflm: a trained stack folder (default: the domain's shipped model/)"),
     allow_drift: bool = ALLOW_DRIFT,
+    money: str = MONEY_OPTION,
+    lineage: bool = LINEAGE_OPTION,
     resume: Optional[str] = typer.Option(None, "--resume", help="continue an interrupted run (its settings are reused)"),
     shards: Optional[int] = typer.Option(None, "--shards", help="split the run into this many shards, each with "
                                          "its own seeds; same seed and shards give the same records on any engine "
@@ -213,6 +219,7 @@ def generate(
     nothing is exported and the exit code is 3, unless --allow-drift."""
     if engine not in ENGINES:
         fail(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    _check_money(money)
     if engine != "ray" and address is not None:
         fail("--address applies to --engine ray only")
     if workers is None:
@@ -229,7 +236,7 @@ def generate(
                 or device != "cpu" or precision != "auto":
             fail("--resume reuses the run's own domain, n, seed, model, device, precision, batch size, shards and "
                  "condition (--where/--rebalance); do not pass them")
-        return _resume(resume, db, out_path, force, quiet, allow_drift, engine, address, workers)
+        return _resume(resume, db, out_path, force, quiet, allow_drift, engine, address, workers, money, lineage)
     if domain is None or n is None:
         fail("generate needs --domain and -n (or --resume RUN_ID)")
     if n <= 0:
@@ -275,7 +282,7 @@ def generate(
         except GateFailed as e:  # stored, refused: the summary says so, then exit 3
             run = e.run
         try:
-            _finish(run.store, d, run.generator, run.result, n, out_path, force, allow_drift, db)
+            _finish(run.store, d, run.generator, run.result, n, out_path, force, allow_drift, db, money, lineage)
         finally:
             run.close()
 
@@ -292,6 +299,13 @@ def _interruptible(run_id: str, db: Path, quiet: bool, announce: bool = True):
     except KeyboardInterrupt:
         fail(f"interrupted: run {run_id} keeps every batch stored so far; continue it with "
              f"`factory generate --resume {run_id} --db {db}`", code=130)
+
+
+def _check_money(money: str) -> None:
+    from factory.export import MONEY
+
+    if money not in MONEY:
+        fail(f"--money must be one of {', '.join(MONEY)}, got {money!r}")
 
 
 def _announce(run_id: str, db: Path, quiet: bool) -> None:
@@ -318,7 +332,7 @@ def _engine(name: str, d, model, model_dir, address, workers, device, shards: in
 
 
 def _resume(run_id: str, db: Path, out_path: Optional[Path], force: bool, quiet: bool, allow_drift: bool,
-            engine: str, address: Optional[str], workers: int):
+            engine: str, address: Optional[str], workers: int, money: str = "decimal", lineage: bool = False):
     """Continue run_id; `workers` only decides how fast (the run's own shards give its records)."""
     if not Path(db).exists():
         fail(f"no database at {db}")
@@ -340,14 +354,15 @@ def _resume(run_id: str, db: Path, out_path: Optional[Path], force: bool, quiet:
             fail(str(e))
         except AttemptBudgetExceeded as e:
             fail(str(e), code=1)
-        _finish(store, d, generator, result, run["requested_n"], out_path, force, allow_drift, db)
+        _finish(store, d, generator, result, run["requested_n"], out_path, force, allow_drift, db, money, lineage)
 
 
-def _finish(store, d, generator, result, n, out_path, force, allow_drift, db):
+def _finish(store, d, generator, result, n, out_path, force, allow_drift, db, money="decimal", lineage=False):
     refused = result.gate is not None and result.gate.blocks_export
     if out_path is not None and not refused:
         try:
-            export_run(store, d, result.run_id, out_path, force, allow_drift=allow_drift)
+            export_run(store, d, result.run_id, out_path, force, allow_drift=allow_drift, money=money,
+                       lineage=lineage)
         except ExportError as e:
             fail(f"{e} (the run {result.run_id} is stored; re-export with `factory export {result.run_id}`)")
     gate = result.gate
@@ -455,12 +470,13 @@ def export_cmd(run_id: str = typer.Argument(..., help="run id (see `factory runs
                out_path: Path = typer.Option(..., "--out", help=".parquet or .csv"),
                force: bool = typer.Option(False, "--force", help="overwrite --out if it exists"),
                db: Path = DB_OPTION,
-               allow_drift: bool = ALLOW_DRIFT):
+               allow_drift: bool = ALLOW_DRIFT, money: str = MONEY_OPTION, lineage: bool = LINEAGE_OPTION):
     """Export a stored run's accepted records, with <out>.manifest.json beside them (exit 3 if its gate failed)."""
+    _check_money(money)
     check_target(out_path, force, db)
     with Store(db, read_only=True) as store:
         d = load_domain(store.run(run_id)["domain"])
-        count = export_run(store, d, run_id, out_path, force, allow_drift=allow_drift)
+        count = export_run(store, d, run_id, out_path, force, allow_drift=allow_drift, money=money, lineage=lineage)
     out.print(f"wrote {count:,} records to {out_path} (manifest: {manifest_path(out_path)})")
 
 

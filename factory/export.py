@@ -169,10 +169,15 @@ def build_manifest(store: Store, domain: Domain, run_id: str, path: Path, rows: 
 EXPORTABLE_STATUSES = ("succeeded", "gate_failed")
 
 
+MONEY = ("decimal", "float")
+
+
 def export_run(store: Store, domain: Domain, run_id: str, path: str | Path, force: bool = False,
-               allow_drift: bool = False) -> int:
-    """Write the run's records (record_id order, spec columns, spec dtypes) and the manifest
-    beside them. Only a finished run is exported: one still running, failed or never gated
+               allow_drift: bool = False, money: str = "decimal", lineage: bool = False) -> int:
+    """Write the run's records (record_id order, spec columns) and the manifest beside them.
+    `money` "decimal" (default): numeric columns with decimals are exact decimals, as stored in
+    DuckDB (Parquet DECIMAL(18, d); CSV with d decimals); "float": Float64. `lineage`: run_id, shard
+    and record_id come first, so each exported row can be traced to its run and attempt. Only a finished run is exported: one still running, failed or never gated
     is an ExportError whatever `allow_drift` says; a run whose gate failed raises GateFailed
     unless `allow_drift`. Nothing is written in either case. Returns the row count.
 
@@ -188,8 +193,10 @@ def export_run(store: Store, domain: Domain, run_id: str, path: str | Path, forc
                           f"{run['requested_n']:,} records): only a finished run can be exported{how}")
     if run.get("gate") is None:
         raise ExportError(f"run {run_id} was never gated (runs.gate is empty): it cannot be exported")
+    if money not in MONEY:
+        raise ExportError(f"--money must be one of {', '.join(MONEY)}, got {money!r}")
     gate = gate_status_for_export(store, run_id, allow_drift)
-    df = store.records(domain, run_id)
+    df = store.records(domain, run_id, decimal=money == "decimal", lineage=lineage)
     if df.height != run["requested_n"]:
         raise ExportError(f"run {run_id} stores {df.height:,} records but asked for {run['requested_n']:,}: "
                           "the database does not match its counters; it is not exported")
@@ -200,6 +207,8 @@ def export_run(store: Store, domain: Domain, run_id: str, path: str | Path, forc
     manifest_tmp = None
     try:
         manifest = build_manifest(store, domain, run_id, path, df.height, gate, sha256_file(data_tmp))
+        manifest["columns"] = [{"name": n, "type": str(t)} for n, t in df.schema.items()]  # what the file holds
+        manifest["money"], manifest["lineage"] = money, lineage
         text = json.dumps(manifest, indent=1, default=str) + "\n"
         manifest_tmp = _write_temp(manifest_path(path), lambda f: f.write(text.encode()))
         try:

@@ -18,6 +18,12 @@ class WriteError(ValueError):
     pass
 
 
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it: set and restore
+    os.umask(mask)
+    return mask
+
+
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
@@ -29,6 +35,7 @@ def write_temp(path: Path, write, error: type[WriteError] = WriteError) -> Path:
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     tmp = Path(name)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; the file gets the mode open() would give it
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()

@@ -8,6 +8,9 @@ import polars as pl
 from schemas.columns import TableSpec
 
 
+LINEAGE_COLUMNS = ("run_id", "shard", "record_id")
+
+
 class InputError(ValueError):
     pass
 
@@ -28,6 +31,8 @@ def read_table(path: str | Path, spec: TableSpec) -> pl.DataFrame:
             raise InputError(f"{path}: unknown extension {path.suffix!r}; expected .csv or .parquet")
     except (pl.exceptions.PolarsError, OSError) as e:
         raise InputError(f"cannot read {path}: {str(e).strip().splitlines()[0]}") from None
+    # an export made with --lineage: its run_id, shard and record_id columns are not the domain's
+    df = df.drop([c for c in LINEAGE_COLUMNS if c in df.columns and c not in spec.names])
     missing = [n for n in spec.names if n not in df.columns]
     extra = [n for n in df.columns if n not in spec.names]
     if missing or extra:

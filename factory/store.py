@@ -436,14 +436,22 @@ class Store:
     def runs(self) -> pl.DataFrame:
         return self.frame("SELECT * FROM runs ORDER BY started_at, run_id")
 
-    def records(self, domain: Domain, run_id: str) -> pl.DataFrame:
-        """A run's accepted records in (shard, record_id) order, spec columns only, with the spec's polars dtypes."""
+    def records(self, domain: Domain, run_id: str, decimal: bool = False, lineage: bool = False) -> pl.DataFrame:
+        """A run's accepted records in (shard, record_id) order, spec columns only, with the spec's polars dtypes.
+
+        `decimal`: numeric columns with decimals stay exact decimals (polars Decimal(18, d), as stored)
+        instead of Float64. `lineage`: run_id, shard and record_id come first."""
         s = domain_schema(domain)
+        schema = domain.spec.polars_schema()
+        if decimal:
+            schema = {n: pl.Decimal(18, c.decimals) if getattr(c, "decimals", 0) else schema[n]
+                      for n, c in ((n, domain.spec[n]) for n in schema)}
+        keys = {"run_id": pl.String, "shard": pl.Int64, "record_id": pl.Int64} if lineage else {}
         if (s, "records") not in self._tables():
-            return domain.spec.empty_frame()
-        cols = ", ".join(f'"{n}"' for n in domain.spec.names)
+            return pl.DataFrame(schema=keys | schema)
+        cols = ", ".join(f'"{n}"' for n in [*keys, *domain.spec.names])
         df = self.frame(f'SELECT {cols} FROM "{s}".records WHERE run_id = ? ORDER BY shard, record_id', [run_id])
-        return df.cast(domain.spec.polars_schema(), strict=True)
+        return df.cast(keys | schema, strict=True)
 
     def checks(self, run_id: str) -> pl.DataFrame:
         """A run's gate checks: failed first, then by name."""
