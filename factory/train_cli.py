@@ -43,7 +43,7 @@ def _now():
 
 
 def train(domain: str, config: Path | None, out: Path | None, resume: bool, db: Path | None, quiet: bool = False,
-          device: str | None = None, max_minutes: float | None = None):
+          device: str | None = None, max_minutes: float | None = None, force: bool = False):
     """`device` (cpu, cuda or auto) overrides the config's `device` (default cpu). `max_minutes` (or the
     settings' `max_minutes`) plans model size, epochs, batch size and rows to fit that budget
     (factory/difflm/budget.py); keys the settings set explicitly keep their values."""
@@ -75,6 +75,10 @@ def train(domain: str, config: Path | None, out: Path | None, resume: bool, db: 
         progress_line(f"training plan: {plan.describe()}")
     resolve_device(cfg.device)  # a DeviceError before the run is recorded or any data is loaded
     out = out or dom.model_dir
+    if not resume and not force and (Path(out) / "pipeline.json").exists():
+        # a trained stack (the shipped one, by default) is never replaced by accident
+        raise StoreError(f"{out} already holds a trained stack; train into a new folder with --out DIR (then "
+                         f"generate with --model-dir DIR), or pass --force to replace it")
     if resume and not staging_dir(Path(out)).is_dir():
         raise StoreError(f"nothing to resume for {out}: no interrupted training in {staging_dir(Path(out))} "
                          "(a finished training leaves none); train without --resume")
@@ -140,6 +144,8 @@ def register(app: typer.Typer):
         config: Path = typer.Option(None, "--config", help="JSON training config (default: the domain's config.json 'train' section)"),
         out: Path = typer.Option(None, "--out", help="output folder (default: domains/<name>/model)"),
         resume: bool = typer.Option(False, "--resume", help="continue from the last checkpoint in --out"),
+        force: bool = typer.Option(False, "--force", help="replace the trained stack already in --out (default "
+                                   "--out: the domain's model/, e.g. the shipped finance stack)"),
         db: Path = typer.Option(Path("factory.duckdb"), "--db", help="DuckDB file that records the training run and its losses"),
         quiet: bool = typer.Option(False, "--quiet"),
         device: str = typer.Option(None, "--device", help="cpu, cuda or auto (cuda if torch sees a GPU); "
@@ -160,7 +166,7 @@ def register(app: typer.Typer):
         if max_minutes is not None and max_minutes <= 0:
             fail(f"--max-minutes must be positive, got {max_minutes:g}")
         try:
-            summary, secs = user_errors(train)(domain, config, out, resume, db, quiet, device, max_minutes)
+            summary, secs = user_errors(train)(domain, config, out, resume, db, quiet, device, max_minutes, force)
         except (DeviceError, ModelError, DomainError) as e:
             fail(str(e))
         typer.echo(f"trained {domain} stack in {secs / 60:.1f} min -> {out or 'domains/' + domain + '/model'}")

@@ -160,3 +160,15 @@ def test_train_config_fields_are_checked(finance):
         TrainConfig.from_dict({"decoder": {"hidden_size": "128"}})
     with pytest.raises(ModelError, match="field beta_factor must be in"):
         TrainConfig.from_dict({"beta_factor": 2.0})
+
+
+def test_training_never_replaces_a_trained_stack_without_force(finance, tmp_path):
+    """`factory train --domain finance` would train into the shipped stack's folder: refused in one line,
+    naming --out and --force; nothing in the folder changes."""
+    from factory.difflm.pipeline import model_checksum
+
+    before = model_checksum(finance.model_dir)
+    line = last_error(invoke("train", "-d", "finance", "--db", tmp_path / "t.duckdb", "--quiet"))
+    assert "already holds a trained stack" in line and "--out DIR" in line and "--force" in line, line
+    assert model_checksum(finance.model_dir) == before
+    assert not (finance.model_dir.parent / ".model.training").exists()
