@@ -82,24 +82,34 @@ def train(domain: str, config: Path | None, out: Path | None, resume: bool, db: 
     if resume and not staging_dir(Path(out)).is_dir():
         raise StoreError(f"nothing to resume for {out}: no interrupted training in {staging_dir(Path(out))} "
                          "(a finished training leaves none); train without --resume")
-    con = None
     train_id = f"train-{uuid.uuid4().hex[:12]}"
-    if db is not None:
+
+    def record(sql: str, params: list, ddl: bool = False) -> None:
+        """One write to --db, holding the file only for it (a training takes many minutes; readers such
+        as `factory sql` and a concurrent `factory generate` can open it in between)."""
+        if db is None:
+            return
         from factory.store import STORAGE_COMPATIBILITY
 
-        Store(db).close()  # a corrupt or foreign database is refused (one line) before training writes to it
         try:
             con = duckdb.connect(str(db), config={"storage_compatibility_version": STORAGE_COMPATIBILITY})
-            con.execute(TRAIN_DDL)
+            try:
+                if ddl:
+                    con.execute(TRAIN_DDL)
+                con.execute(sql, params)
+            finally:
+                con.close()
         except duckdb.Error as e:
             raise StoreError(f"cannot record the training in {db}: {str(e).splitlines()[0]}") from None
-        con.execute("INSERT INTO train_runs VALUES (?, ?, ?, ?, ?, NULL, 'running', NULL)",
-                    [train_id, domain, str(out), json.dumps(cfg_dict), _now()])
+
+    if db is not None:
+        Store(db).close()  # a corrupt or foreign database is refused (one line) before training writes to it
+    record("INSERT INTO train_runs VALUES (?, ?, ?, ?, ?, NULL, 'running', NULL)",
+           [train_id, domain, str(out), json.dumps(cfg_dict), _now()], ddl=True)
 
     def log(rec: dict):
-        if con is not None:
-            con.execute("INSERT INTO train_log VALUES (?, ?, ?, ?, ?, ?)",
-                        [train_id, _now(), rec.get("stage"), rec.get("epoch"), rec.get("step"), json.dumps(rec)])
+        record("INSERT INTO train_log VALUES (?, ?, ?, ?, ?, ?)",
+               [train_id, _now(), rec.get("stage"), rec.get("epoch"), rec.get("step"), json.dumps(rec)])
         if not quiet and rec.get("stage") != "done":
             shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in rec.items()}
             if sys.stderr.isatty():
@@ -127,13 +137,13 @@ def train(domain: str, config: Path | None, out: Path | None, resume: bool, db: 
         try:
             summary = Trainer(dom, cfg, out, log=log, progress=on_progress).run(resume=resume)
         except BaseException:
-            if con is not None:
-                con.execute("UPDATE train_runs SET status='failed', finished_at=? WHERE train_id=?", [_now(), train_id])
+            try:
+                record("UPDATE train_runs SET status='failed', finished_at=? WHERE train_id=?", [_now(), train_id])
+            except StoreError:
+                pass  # the training's own error is the one to report
             raise
-    if con is not None:
-        con.execute("UPDATE train_runs SET status='succeeded', finished_at=?, summary=? WHERE train_id=?",
-                    [_now(), json.dumps(summary), train_id])
-        con.close()
+    record("UPDATE train_runs SET status='succeeded', finished_at=?, summary=? WHERE train_id=?",
+           [_now(), json.dumps(summary), train_id])
     return summary, time.time() - t
 
 

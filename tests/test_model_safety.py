@@ -172,3 +172,40 @@ def test_training_never_replaces_a_trained_stack_without_force(finance, tmp_path
     assert "already holds a trained stack" in line and "--out DIR" in line and "--force" in line, line
     assert model_checksum(finance.model_dir) == before
     assert not (finance.model_dir.parent / ".model.training").exists()
+
+
+def test_training_holds_the_database_only_while_it_writes(monkeypatch, tmp_path):
+    """While a training runs, another process can open --db (here: read-only, as `factory sql` does);
+    the log lines written before and after are all there."""
+    import subprocess
+    import sys
+
+    import factory.difflm.train as train_module
+
+    db = tmp_path / "t.duckdb"
+    seen = {}
+
+    class FakeTrainer:
+        def __init__(self, dom, cfg, out, log, progress):
+            self.log = log
+
+        def run(self, resume=False):
+            self.log({"stage": "lm", "epoch": 1, "train_nll_per_token": 1.0})
+            probe = subprocess.run([sys.executable, "-c", "import duckdb, sys; c = duckdb.connect(sys.argv[1], "
+                                    "read_only=True); print(c.execute('SELECT count(*) FROM train_log').fetchone()[0])",
+                                    str(db)], capture_output=True, text=True, timeout=60)
+            seen["probe"] = probe
+            self.log({"stage": "lm", "epoch": 2, "train_nll_per_token": 0.9})
+            return {"total_s": 0.0}
+
+    monkeypatch.setattr(train_module, "Trainer", FakeTrainer)
+    r = invoke("train", "-d", "finance", "--out", tmp_path / "m", "--db", db, "--quiet")
+    assert r.exit_code == 0, r.output
+    assert seen["probe"].returncode == 0, seen["probe"].stderr[-500:]  # opened while the training ran
+    assert seen["probe"].stdout.strip() == "1"
+    import duckdb
+
+    con = duckdb.connect(str(db), read_only=True)
+    assert con.execute("SELECT count(*) FROM train_log").fetchone()[0] == 2
+    assert con.execute("SELECT status FROM train_runs").fetchall() == [("succeeded",)]
+    con.close()
