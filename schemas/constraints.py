@@ -121,8 +121,9 @@ _NAMING = dict(kw_only=True, default="", compare=False)  # optional overrides of
 
 # ---- null patterns ---------------------------------------------------------------------------
 @dataclass(frozen=True)
-class MustBeNull(_Relation):
-    """`column` is null whenever column `when` takes one of `values` (None: when `when` is null)."""
+class _NullPattern(_Relation):
+    """What MustBeNull and MustNotBeNull share: `column`'s nullness is fixed whenever column `when`
+    takes one of `values` (None: when `when` is null), or with `invert` whenever it does not."""
 
     column: str
     when: str
@@ -138,6 +139,11 @@ class MustBeNull(_Relation):
     def condition(self) -> pl.Expr:
         hit = is_in(self.when, self.values)
         return ~hit if self.invert else hit
+
+
+@dataclass(frozen=True)
+class MustBeNull(_NullPattern):
+    """`column` is null whenever column `when` takes one of `values` (None: when `when` is null)."""
 
     def _name(self):
         return f"{self.column}_null_if_{self.when}_{'not_' if self.invert else ''}{_short_values(self.values)}"
@@ -150,23 +156,8 @@ class MustBeNull(_Relation):
 
 
 @dataclass(frozen=True)
-class MustNotBeNull(_Relation):
+class MustNotBeNull(_NullPattern):
     """`column` is present whenever column `when` takes one of `values` (None: when `when` is null)."""
-
-    column: str
-    when: str
-    values: tuple
-    invert: bool = field(default=False, kw_only=True)  # the condition is "when is NOT one of values"
-    name: str = field(**_NAMING)
-    message: str = field(**_NAMING)
-
-    @property
-    def columns(self):
-        return [self.column, self.when]
-
-    def condition(self) -> pl.Expr:
-        hit = is_in(self.when, self.values)
-        return ~hit if self.invert else hit
 
     def _name(self):
         return f"{self.column}_present_if_{self.when}_{'not_' if self.invert else ''}{_short_values(self.values)}"
