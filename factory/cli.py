@@ -36,7 +36,7 @@ from factory.inputs import InputError, read_table
 from factory.loop import AttemptBudgetExceeded, ResumeError, new_run_id, resume_generation
 from factory.pool import PoolError
 from factory.ray_engine import EngineError
-from factory.store import Store, StoreError, check_db_name
+from factory.store import Store, StoreError, check_db_name, is_interrupt
 
 STARTED = time.perf_counter()  # the command's start, for the wall time its summary reports
 app = typer.Typer(name="factory", help=__doc__.split("\n")[0], no_args_is_help=True, add_completion=False,
@@ -101,6 +101,10 @@ def user_errors(fn):
             fail(str(e))
         except GateFailed as e:
             fail(str(e), code=GATE_EXIT_CODE)
+        except (KeyboardInterrupt, RuntimeError) as e:  # Ctrl-C, also inside a DuckDB query
+            if not is_interrupt(e):
+                raise
+            fail("interrupted", code=130)
 
     return wrapper
 

@@ -47,7 +47,7 @@ from factory.conditions import Condition, gate_reference, parse_condition, rebal
 from factory.domain import Domain
 from factory.generators import Generator
 from factory.progress import RunProgress
-from factory.store import Store
+from factory.store import Store, is_interrupt
 
 REJECTION_SCHEMA = {"run_id": pl.String, "shard": pl.Int64, "attempt_id": pl.Int64, "batch": pl.Int64,
                     "stage": pl.String, "rule": pl.String, "message": pl.String, "raw_text": pl.String}
@@ -390,11 +390,13 @@ def _drive_locked(domain: Domain, generator: Generator, store: Store, plan: RunP
                                        [s["requested_n"] for s in store.shards(plan.run_id)]) if plan.conditions else None
             gate = run_gate(store, domain, plan.run_id, allow_drift, reference=reference)
         status = "gate_failed" if gate is not None and gate.blocks_export else "succeeded"
-    except BaseException:
+    except BaseException as e:
         try:  # best effort: the run stays 'running' if even this cannot be written (e.g. disk full)
             store.finish_run(plan.run_id, "failed")
         except Exception:
             pass
+        if is_interrupt(e) and not isinstance(e, KeyboardInterrupt):  # Ctrl-C inside a DuckDB query
+            raise KeyboardInterrupt from e
         raise
     store.finish_run(plan.run_id, status)
     run = store.run(plan.run_id)

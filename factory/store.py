@@ -65,6 +65,14 @@ def _expected_columns() -> dict[str, list[tuple[str, str]]]:
     return out
 
 
+def is_interrupt(e: BaseException) -> bool:
+    """Whether `e` is Ctrl-C. DuckDB stops a query on SIGINT itself and raises RuntimeError('Query
+    interrupted') (older releases: duckdb.InterruptException); it consumes the signal, so Python never
+    raises the KeyboardInterrupt."""
+    return (isinstance(e, (KeyboardInterrupt, duckdb.InterruptException))
+            or (type(e) is RuntimeError and str(e) == "Query interrupted"))
+
+
 def _first_line(e: Exception) -> str:
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 

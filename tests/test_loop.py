@@ -293,3 +293,34 @@ def test_interrupted_sharded_run_resumes_to_the_same_records(toy, store, after):
     assert [store.run("crashed")[c] for c in cols] == [store.run(ref.run_id)[c] for c in cols]
     key = "SELECT shard, attempt_id, rule, raw_text FROM rejections WHERE run_id = ? ORDER BY ALL"
     assert store.frame(key, ["crashed"]).equals(store.frame(key, [ref.run_id]))
+
+
+def test_ctrl_c_inside_a_duckdb_query_is_a_keyboard_interrupt_and_the_run_resumes(toy, store, monkeypatch):
+    """DuckDB catches SIGINT during a query itself (RuntimeError 'Query interrupted', the signal consumed):
+    the run must still end as a KeyboardInterrupt, with the batch rolled back, and resume to what an
+    uninterrupted run stores. A real SIGINT, sent while a long query runs as the third batch is written."""
+    import os
+    import signal
+    import threading
+
+    gen = MarginalBaseline.fit(toy)
+    ref = run_generation(toy, gen, 200, seed=4, store=store, batch_size=40, progress=False, allow_drift=True)
+    real_write, calls = Store.write_batch, []
+
+    def slow_write(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT)).start()
+            self.con.execute("SELECT count(*) FROM range(10000000000) t(i) WHERE i % 7 = 3").fetchall()
+        return real_write(self, *args, **kwargs)
+
+    monkeypatch.setattr(Store, "write_batch", slow_write)
+    with pytest.raises(KeyboardInterrupt):
+        run_generation(toy, gen, 200, seed=4, store=store, batch_size=40, progress=False, allow_drift=True,
+                       run_id="cut")
+    assert len(calls) == 3 and store.run("cut")["status"] == "failed"
+    assert store.frame("SELECT count(*) n FROM toy.records WHERE run_id = 'cut'")["n"].item() < 200
+    monkeypatch.undo()
+    resume_generation(toy, gen, store, "cut", progress=False, allow_drift=True)
+    keep = "SELECT * EXCLUDE (run_id) FROM toy.records WHERE run_id = ? ORDER BY shard, record_id"
+    assert store.frame(keep, ["cut"]).equals(store.frame(keep, [ref.run_id]))
