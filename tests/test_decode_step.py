@@ -77,3 +77,27 @@ def test_step_is_rebuilt_when_the_weights_change(tok):
     assert dec.decode_step() is not first
     dec.to(torch.bfloat16)
     assert dec.decode_step().dtype == torch.bfloat16
+
+
+def test_another_checkout_reuses_the_built_kernel_instead_of_rebuilding_it(tmp_path):
+    """Two copies of factory (a CI clone, a benchmark's older commit) load one kernel build: torch's
+    ninja file must not name a checkout's own path, or each load from the other copy rebuilds it."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if attention.implementation() != "fused":
+        pytest.skip("no C++ compiler here: the SDPA path has nothing to build")
+    built = Path(attention._fused_module().__file__)
+    stamp = built.stat().st_mtime_ns
+    shutil.copytree(Path(attention.__file__).parents[1], tmp_path / "factory")
+    code = "from factory.difflm import attention as a; print(a.__file__); print(a._fused_module().__file__)"
+    p = subprocess.run([sys.executable, "-c", code],
+                       cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(tmp_path)}, capture_output=True, text=True,
+                       timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    module, so = p.stdout.split()
+    assert Path(module).is_relative_to(tmp_path)  # the copy ran, not this checkout
+    assert Path(so) == built and built.stat().st_mtime_ns == stamp

@@ -38,11 +38,21 @@ def _cpu_signature() -> str:
 
 @lru_cache(maxsize=None)
 def _fused_module():
-    from torch.utils.cpp_extension import load
+    from torch.utils.cpp_extension import _get_build_directory, load
 
-    key = hashlib.sha256((SOURCE.read_text() + " ".join(FLAGS) + _cpu_signature() + torch.__version__).encode())
-    return load(name=f"factory_decode_attention_{key.hexdigest()[:12]}", sources=[str(SOURCE)],
-                extra_cflags=FLAGS, verbose=False)
+    source = SOURCE.read_text()
+    key = hashlib.sha256((source + " ".join(FLAGS) + _cpu_signature() + torch.__version__).encode())
+    name = f"factory_decode_attention_{key.hexdigest()[:12]}"
+    # Build from a copy inside the build folder: torch's ninja file names the source by its absolute
+    # path, so two checkouts (a benchmark's older commit, a CI clone) loading the same kernel from
+    # their own paths would otherwise rebuild it in turn, ~20 CPU s each time a worker loads it.
+    build = Path(_get_build_directory(name, verbose=False))
+    copy = build / SOURCE.name
+    if not copy.is_file() or copy.read_text() != source:
+        tmp = build / f".{SOURCE.name}.{os.getpid()}"
+        tmp.write_text(source)
+        os.replace(tmp, copy)  # atomic: a process building at the same time reads one whole file
+    return load(name=name, sources=[str(copy)], extra_cflags=FLAGS, build_directory=str(build), verbose=False)
 
 
 @lru_cache(maxsize=None)
