@@ -103,6 +103,22 @@ def make_engine(name: str, d: Domain, model, model_dir, address=None, workers: i
     return RayEngine(spec, address=address, workers=workers or 2)
 
 
+def load_engine(name: str, d: Domain, model, model_dir, address=None, workers: int | None = None,
+                device: str = "cpu", shards: int | None = None, opts: dict | None = None):
+    """The loop engine and the generator the run records. With local worker processes the
+    generator is the one a worker loaded (factory.pool.WorkerGenerator): this process keeps no
+    second copy of the model while the workers decode."""
+    engine = make_engine(name, d, model, model_dir, address, workers, device, shards, opts)
+    pool = getattr(engine, "pool", None)
+    if pool is None:
+        return engine, load_generator(d, model, model_dir=model_dir, device=device, **(opts or {}))
+    try:
+        return engine, pool.generator()
+    except BaseException:
+        pool.shutdown()
+        raise
+
+
 def generate(domain: str | Domain, n: int, *, seed: int = 0, where: str | None = None,
              rebalance: str | None = None, model: str | None = None, model_dir: str | Path | None = None,
              db: str | Path | None = None, allow_drift: bool = False, batch_size: int | None = None,
@@ -130,8 +146,7 @@ def generate(domain: str | Domain, n: int, *, seed: int = 0, where: str | None =
     if precision != "auto":
         opts["precision"] = precision
     if generator is None:
-        generator = load_generator(d, model, model_dir=model_dir, device=device, **opts)
-        loop_engine = make_engine(engine, d, model, model_dir, address, workers, device, shards, opts)
+        loop_engine, generator = load_engine(engine, d, model, model_dir, address, workers, device, shards, opts)
     else:  # a generator object cannot be rebuilt in worker processes: this process runs every shard
         loop_engine = LocalEngine()
     size = batch_size or int(d.config.get("batch_size", 1000))

@@ -31,7 +31,7 @@ from factory.conditions import ConditionError, parse_condition, rebalance_plan
 from factory.domain import MAX_BATCH, DomainError, available_domains, load_domain, search_paths
 from factory.export import ExportError, check_target, export_run, manifest_path
 from factory.files import WriteError, atomic_write_text
-from factory.generators import GENERATORS, GeneratorError, default_model, load_generator
+from factory.generators import GENERATORS, GeneratorError, default_model
 from factory.inputs import InputError, read_table
 from factory.loop import AttemptBudgetExceeded, ResumeError, new_run_id, resume_generation
 from factory.pool import PoolError
@@ -328,13 +328,6 @@ def _check_conditions(d, where: Optional[str], rebalance: Optional[str], n: int)
                            style="yellow"), soft_wrap=True)
 
 
-def _engine(name: str, d, model, model_dir, address, workers, device, shards: int | None = None,
-            opts: dict | None = None):
-    from factory.api import make_engine
-
-    return make_engine(name, d, model, model_dir, address, workers, device, shards, opts)
-
-
 def _resume(run_id: str, db: Path, out_path: Optional[Path], force: bool, quiet: bool, allow_drift: bool,
             engine: str, address: Optional[str], workers: int, money: str = "decimal", lineage: bool = False):
     """Continue run_id; `workers` only decides how fast (the run's own shards give its records)."""
@@ -342,18 +335,19 @@ def _resume(run_id: str, db: Path, out_path: Optional[Path], force: bool, quiet:
         fail(f"no database at {db}")
     if out_path is not None:
         check_target(out_path, force, db)
+    from factory.api import load_engine
+
     with Store(db) as store, _interruptible(run_id, db, quiet):
         run = store.run(run_id)
         d = load_domain(run["domain"])
         settings = store.run_settings(run_id)
         device = settings.get("device", "cpu")  # the device that made the run's first batches
         opts = {"precision": settings["precision"]} if "precision" in settings else {}  # and its precision
-        generator = load_generator(d, settings.get("model"), model_dir=settings.get("model_dir"), device=device,
-                                   **opts)
+        loop_engine, generator = load_engine(engine, d, settings.get("model"), settings.get("model_dir"), address,
+                                             workers, device, settings.get("shards", 1), opts)
         try:
             result = resume_generation(d, generator, store, run_id, progress=not quiet, allow_drift=allow_drift,
-                                       engine=_engine(engine, d, settings.get("model"), settings.get("model_dir"),
-                                                      address, workers, device, settings.get("shards", 1), opts))
+                                       engine=loop_engine)
         except ResumeError as e:
             fail(str(e))
         except AttemptBudgetExceeded as e:

@@ -78,6 +78,12 @@ class ShardWorker:
     def identity(self) -> tuple[str, str, str]:
         return self.generator.model_id, self.generator.model_version, self.domain.rule_set_hash
 
+    def describe(self) -> dict:
+        """What the driver records about the generator (factory.pool.WorkerGenerator)."""
+        g = self.generator
+        return {"model_id": g.model_id, "model_version": g.model_version, "rules": self.domain.rule_set_hash,
+                "settings": dict(getattr(g, "settings", {})), "conditional": getattr(g, "conditional", False)}
+
     def run_shard(self, plan: RunPlan, state: ShardState) -> ShardResult:
         if plan.gates and self._privacy is None:
             self._privacy = PrivacyFilter.for_domain(self.domain)

@@ -49,3 +49,34 @@ def test_cli_warns_when_workers_exceed_the_cpus(tmp_path):
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
     assert f"--workers {n} is more than this machine's" in p.stderr
+
+
+def test_with_workers_the_main_process_keeps_no_model_and_stores_the_same_records(tmp_path):
+    """The driver records the generator a worker loaded (WorkerGenerator) instead of loading its own copy."""
+    from factory import api
+    from factory.pool import WorkerGenerator
+
+    common = dict(seed=4, model="baseline", shards=4, batch_size=16, allow_drift=True)
+    pooled = api.generate("toy", 240, workers=2, db=tmp_path / "a.duckdb", **common)
+    alone = api.generate("toy", 240, workers=1, db=tmp_path / "b.duckdb", **common)
+    try:
+        assert isinstance(pooled.generator, WorkerGenerator) and pooled.generator._generator is None
+        assert not isinstance(alone.generator, WorkerGenerator)
+        assert (pooled.generator.model_id, pooled.generator.model_version) == (
+            alone.generator.model_id, alone.generator.model_version)
+        assert pooled.records.equals(alone.records)
+        a, b = (r.store.run_settings(r.run_id) for r in (pooled, alone))
+        assert {k: v for k, v in a.items() if k != "workers"} == {k: v for k, v in b.items() if k != "workers"}
+    finally:
+        pooled.close()
+        alone.close()
+
+
+def test_a_stack_the_workers_cannot_load_is_a_one_line_error_not_a_dead_pool(tmp_path):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    p = subprocess.run([sys.executable, "-m", "factory", "generate", "-d", "toy", "-n", "40", "--model", "difflm",
+                        "--model-dir", str(tmp_path / "no-stack"), "--workers", "2", "--shards", "2",
+                        "--db", "w.duckdb", "-q"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2, p.stderr
+    assert p.stderr.strip().splitlines()[-1].startswith(f"error: no trained DiffLM stack at {tmp_path / 'no-stack'}")
+    assert "Traceback" not in p.stderr and "worker process died" not in p.stderr
