@@ -33,7 +33,7 @@ import numpy as np
 import polars as pl
 
 from factory.domain_file import DOMAIN_FILE, SPLITS, build_domain, nulls_to_toml
-from schemas.columns import NULL_TEXT, Categorical, Numeric, TableSpec
+from schemas.columns import NULL_TEXT, Categorical, TableSpec
 
 SPLIT_SEED = 0
 SPLIT_FRACTIONS = (0.8, 0.1, 0.1)

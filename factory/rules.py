@@ -25,7 +25,7 @@ if TYPE_CHECKING:  # pandera (and with it pandas) loads on first validation, so 
     import pandera.polars as pa
     from pandera.api.polars.types import PolarsData
 
-from schemas.columns import Categorical, Numeric, TableSpec
+from schemas.columns import Numeric, TableSpec
 
 
 @dataclass(frozen=True, eq=False)

@@ -185,6 +185,42 @@ def test_denoiser_learns_and_sampler_matches_a_shifted_gaussian(tmp_path):
                        sampler.sample(den, 10, torch.Generator().manual_seed(1)))
 
 
+class _GaussianDenoiser(torch.nn.Module):
+    """The exact denoiser of data ~ N(mu, s^2) per dimension: E[x0 | x] = mu + s^2 / (s^2 + sigma^2) (x - mu)."""
+
+    def __init__(self, mu, s):
+        super().__init__()
+        self.mu, self.s = mu, s
+        self.cfg = DenoiserConfig(latent_dim=len(mu))
+
+    def forward(self, x, sigma):
+        return self.mu + self.s**2 / (self.s**2 + sigma[:, None] ** 2) * (x - self.mu)
+
+
+@pytest.mark.parametrize("solver", ["dpmpp_2m", "heun"])
+def test_both_solvers_converge_to_the_exact_ode_solution_at_second_order(solver):
+    """For Gaussian data the probability-flow ODE maps noise x_T to mu + s / sqrt(s^2 + T^2) (x_T - mu)."""
+    mu, s = torch.tensor([1.0, -2.0, 0.0]), torch.tensor([0.3, 1.0, 2.0])
+    den = _GaussianDenoiser(mu, s).double()
+    errors = []
+    for steps in (20, 40, 80):
+        cfg = SamplerConfig(steps=steps, solver=solver)
+        x = EDMSampler(cfg).sample(den, 500, torch.Generator().manual_seed(3)).double()
+        xT = torch.randn(500, 3, generator=torch.Generator().manual_seed(3)) * cfg.sigma_max
+        exact = mu + s / (s**2 + cfg.sigma_max**2).sqrt() * (xT - mu)
+        errors.append((x - exact).abs().max().item())
+    assert errors[2] < 0.02  # the largest error of 500 samples, drawn at sigma_max = 80
+    assert errors[2] < errors[1] / 3 < errors[0] / 3**2  # ~4.5x smaller per halved step: 2nd order
+
+
+def test_an_unknown_solver_is_refused(tmp_path):
+    from factory.difflm.config import ModelError
+
+    (tmp_path / "sampler_config.json").write_text('{"steps": 10, "solver": "euler"}')
+    with pytest.raises(ModelError, match="field solver must be one of dpmpp_2m, heun"):
+        EDMSampler.from_pretrained(tmp_path)
+
+
 def test_sigma_schedule_is_decreasing_and_ends_at_zero():
     s = EDMSampler(SamplerConfig(steps=10)).sigmas()
     assert len(s) == 11 and s[-1] == 0 and torch.all(s[:-1] > s[1:]) and abs(s[0] - 80) < 1e-3
@@ -362,3 +398,16 @@ def test_encoder_split_is_exact_trains_lora_only_and_round_trips(finance, tmp_pa
         assert torch.allclose(back.forward_top(*back.encode_frozen(texts))[0], mu, atol=1e-5)
     g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
     assert torch.equal(enc.sample(mu, _, g1), enc.sample(mu, _, g2))
+
+
+def test_the_generator_records_its_latent_solver_and_a_run_can_keep_an_older_one(finance):
+    from factory.generators import GeneratorError, load_generator
+
+    default = load_generator(finance, "difflm")
+    assert (default.settings["diffusion_solver"], default.settings["diffusion_steps"]) == ("dpmpp_2m", 25)
+    heun = load_generator(finance, "difflm", solver="heun", steps=12)  # what --resume passes for older runs
+    assert (heun.settings["diffusion_solver"], heun.settings["diffusion_steps"]) == ("heun", 12)
+    g = torch.Generator().manual_seed(0)
+    assert not torch.equal(default.sample_latents(8, g), heun.sample_latents(8, torch.Generator().manual_seed(0)))
+    with pytest.raises(GeneratorError, match="solver must be one of dpmpp_2m, heun, got 'euler'"):
+        load_generator(finance, "difflm", solver="euler")

@@ -96,22 +96,33 @@ class Denoiser(nn.Module):
         return m
 
 
+SOLVERS = ("dpmpp_2m", "heun")
+
+
 @dataclass
 class SamplerConfig:
-    steps: int = 25  # Heun: 49 denoiser calls; within ~2% (latent L2) of 50 steps at half the cost
+    steps: int = 25
     sigma_min: float = 0.002
     sigma_max: float = 80.0
     rho: float = 7.0
+    # dpmpp_2m: DPM-Solver++(2M), one denoiser call per step; heun: EDM's Heun, two (2 x steps - 1).
+    # Finance stack, 4,000 latents against 100 Heun steps (reports/benchmarks/sampler_finance.md):
+    # dpmpp_2m at 25 steps (25 calls) is as close as heun at 25 (49 calls): rel. L2 0.016 vs 0.013,
+    # per-dimension std ratio 1.010 vs 1.009.
+    solver: str = "dpmpp_2m"
 
 
 SAMPLER_RANGES = {"steps": POSITIVE, "sigma_min": (lambda v: v > 0, "> 0"), "rho": (lambda v: v > 0, "> 0"),
+                  "solver": (lambda v: v in SOLVERS, f"one of {', '.join(SOLVERS)}"),
                   "__all__": (lambda c: c.sigma_max > c.sigma_min, "sigma_max must be larger than sigma_min")}
 DENOISER_RANGES = {**{k: POSITIVE for k in ("latent_dim", "hidden", "blocks", "emb_dim")},
                    "sigma_data": (lambda v: v > 0, "> 0"), "p_std": (lambda v: v > 0, "> 0")}
 
 
 class EDMSampler:
-    """Karras sigma schedule + Heun's 2nd-order deterministic sampler (EDM Algorithm 1)."""
+    """Karras sigma schedule, then a deterministic solver of the probability-flow ODE: DPM-Solver++(2M)
+    (Lu et al. 2022, "DPM-Solver++", Algorithm 2, in the EDM parameterisation where the denoiser
+    predicts x0) or Heun's 2nd-order method (Karras et al. 2022, EDM Algorithm 1)."""
 
     def __init__(self, cfg: SamplerConfig | None = None):
         self.cfg = cfg or SamplerConfig()
@@ -127,6 +138,8 @@ class EDMSampler:
         """n latents, on the generator's device (where `denoiser` must be)."""
         sig = self.sigmas(generator.device)
         x = torch.randn(n, denoiser.cfg.latent_dim, generator=generator, device=generator.device) * sig[0]
+        if self.cfg.solver == "dpmpp_2m":
+            return self._dpmpp_2m(denoiser, x, sig)
         for i in range(len(sig) - 1):
             s, s_next = sig[i], sig[i + 1]
             d = (x - denoiser(x, s.expand(n))) / s
@@ -135,6 +148,26 @@ class EDMSampler:
                 d2 = (x_next - denoiser(x_next, s_next.expand(n))) / s_next
                 x_next = x + (s_next - s) * (d + d2) / 2
             x = x_next
+        return x
+
+    @staticmethod
+    def _dpmpp_2m(denoiser, x: torch.Tensor, sig: torch.Tensor) -> torch.Tensor:
+        """In log-SNR time lambda = -log(sigma): x_{i+1} = (s_{i+1}/s_i) x_i - expm1(-h) D', with D' the
+        denoised estimate D_i, extrapolated linearly from D_{i-1} after the first step."""
+        n, previous = x.shape[0], None
+        for i in range(len(sig) - 1):
+            s, s_next = sig[i], sig[i + 1]
+            d = denoiser(x, s.expand(n))
+            if s_next == 0:  # the last step lands on the denoised estimate
+                return d
+            h = torch.log(s / s_next)
+            if previous is not None:
+                r = torch.log(sig[i - 1] / s) / h
+                d_used = (1 + 1 / (2 * r)) * d - (1 / (2 * r)) * previous
+            else:
+                d_used = d
+            x = (s_next / s) * x - torch.expm1(-h) * d_used
+            previous = d
         return x
 
     def save_pretrained(self, path: str | Path):

@@ -6,6 +6,7 @@ training-time component and is not loaded here.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -15,7 +16,7 @@ import torch
 from .config import ModelError, read_json_object  # ModelError is re-exported here
 from .decoder import DomainDecoder
 from .device import resolve_device
-from .diffusion import Denoiser, EDMSampler
+from .diffusion import SOLVERS, Denoiser, EDMSampler
 from .injector import SoftPromptInjector
 from .tokenizer import SchemaTokenizer
 
@@ -105,12 +106,21 @@ class DiffLMGenerator:
                  batch_size: int = 2000, latent: str = "diffusion", constrained: bool = True,
                  temperature: float = 1.0, threads: int = 1, precision: str = "auto",
                  relations: bool = True, device: str | torch.device = "cpu", observed_max: bool = True,
-                 min_p: float = MIN_P, conditional_stack: dict | None = None, guidance: float = 1.0):
+                 min_p: float = MIN_P, conditional_stack: dict | None = None, guidance: float = 1.0,
+                 solver: str | None = None, steps: int | None = None):
         if latent not in ("diffusion", "prior"):
             raise ModelError(f"latent must be 'diffusion' or 'prior', got {latent!r}")
         if not 0.0 <= min_p < 1.0:
             raise ModelError(f"min_p must be in [0, 1), got {min_p!r}")
         self.min_p = min_p
+        # the latent sampler's solver and steps, instead of the stack's (e.g. --resume of a run made
+        # before the default solver changed: a run keeps the sampler it started with)
+        if solver is not None and solver not in SOLVERS:
+            raise ModelError(f"solver must be one of {', '.join(SOLVERS)}, got {solver!r}")
+        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+            raise ModelError(f"steps must be a positive integer, got {steps!r}")
+        sampler = EDMSampler(dataclasses.replace(sampler.cfg, solver=solver or sampler.cfg.solver,
+                                                 steps=steps or sampler.cfg.steps))
         # Everything sampling touches lives on one device; every tensor it creates is made there.
         self.device = resolve_device(device)
         self.domain, self.tok, self.dec, self.inj = domain, tokenizer.to(self.device), decoder, injector.to(self.device)
@@ -122,7 +132,8 @@ class DiffLMGenerator:
         self.settings = {"latent": latent, "constrained": constrained, "temperature": temperature,
                          "precision": self.dec.precision, "decode_batch": batch_size, "relations": relations,
                          "observed_max": observed_max and relations and constrained, "min_p": min_p,
-                         "diffusion_steps": sampler.cfg.steps, "device": self.device.type,
+                         "diffusion_steps": sampler.cfg.steps, "diffusion_solver": sampler.cfg.solver,
+                         "device": self.device.type,
                          # fused C++ or torch SDPA: equal up to float rounding, so the run says which ran
                          "attention": self.dec.decode_step().attention}
         # One thread: decoding is ~60 small ops per step, and on 2 shared cores a second
