@@ -83,21 +83,15 @@ def _column_plot(col, real: pl.Series, synth: pl.Series) -> str:
     return _png(fig)
 
 
-def _spearman(frame: pl.DataFrame, names: list[str]) -> np.ndarray:
-    ranks = frame.select([pl.col(n).cast(pl.Float64).rank("average") for n in names]).to_numpy()
-    ranks = np.where(np.isnan(ranks), np.nanmean(ranks, axis=0), ranks)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        c = np.corrcoef(ranks, rowvar=False)
-    return np.nan_to_num(c)
-
-
 def _heatmaps(spec, real: pl.DataFrame, synth: pl.DataFrame) -> str:
     import matplotlib.pyplot as plt
 
     names = [c.name for c in spec.columns if isinstance(c, Numeric)]
     if len(names) < 2:
         return "<p>fewer than two numeric columns: no correlation matrix</p>"
-    cr, cs = _spearman(real, names), _spearman(synth, names)
+    from factory.checks.distribution import spearman  # the gate's corr:max: the map shows what it checks
+
+    cr, cs = spearman(real, spec, names), spearman(synth, spec, names)
     side = min(MAX_PLOT_PX / 72 - 3.2, 2.5 + 0.22 * len(names))  # inches of matrix; labels stay TICK_PT
     figs = []
     for m, title, cmap, lim in ((cr, "real test", "coolwarm", 1), (cs, "synthetic", "coolwarm", 1),
