@@ -30,6 +30,7 @@ import hashlib
 import io
 import json
 from dataclasses import MISSING, dataclass, field, fields
+from typing import ClassVar
 
 import polars as pl
 
@@ -328,51 +329,55 @@ class RangeBy(_Relation):
 
 
 @dataclass(frozen=True)
-class AtMost(_Relation):
-    """Numeric `column` <= numeric column `other` (optionally only when column when[0] is in when[1])."""
+class _ColumnBound(_Relation):
+    """What AtMost and AtLeast share: numeric `column` compared with numeric column `other`
+    (optionally only when column when[0] is in when[1]); a null on either side passes."""
 
     column: str
     other: str
     when: tuple | None = None
     name: str = field(**_NAMING)
     message: str = field(**_NAMING)
+    _word: ClassVar[str]  # in the rule's name
+    _text: ClassVar[str]  # in its message
 
     @property
     def columns(self):
         return [self.column, self.other] + ([self.when[0]] if self.when else [])
 
     def _name(self):
-        return f"{self.column}_at_most_{self.other}{_when_name(self.when)}"
+        return f"{self.column}_{self._word}_{self.other}{_when_name(self.when)}"
 
     def _message(self):
-        return f"{self.column} must not exceed {self.other}{_when_text(self.when)}"
+        return f"{self.column} {self._text} {self.other}{_when_text(self.when)}"
+
+    def _holds(self) -> pl.Expr:
+        raise NotImplementedError
 
     def _expr(self):
-        return ~_when_expr(self.when) | (pl.col(self.column) <= pl.col(self.other)).fill_null(True)
+        return ~_when_expr(self.when) | self._holds().fill_null(True)
 
 
 @dataclass(frozen=True)
-class AtLeast(_Relation):
+class AtMost(_ColumnBound):
+    """Numeric `column` <= numeric column `other` (optionally only when column when[0] is in when[1])."""
+
+    _word: ClassVar[str] = "at_most"
+    _text: ClassVar[str] = "must not exceed"
+
+    def _holds(self):
+        return pl.col(self.column) <= pl.col(self.other)
+
+
+@dataclass(frozen=True)
+class AtLeast(_ColumnBound):
     """Numeric `column` >= numeric column `other` (optionally only when column when[0] is in when[1])."""
 
-    column: str
-    other: str
-    when: tuple | None = None
-    name: str = field(**_NAMING)
-    message: str = field(**_NAMING)
+    _word: ClassVar[str] = "at_least"
+    _text: ClassVar[str] = "must be at least"
 
-    @property
-    def columns(self):
-        return [self.column, self.other] + ([self.when[0]] if self.when else [])
-
-    def _name(self):
-        return f"{self.column}_at_least_{self.other}{_when_name(self.when)}"
-
-    def _message(self):
-        return f"{self.column} must be at least {self.other}{_when_text(self.when)}"
-
-    def _expr(self):
-        return ~_when_expr(self.when) | (pl.col(self.column) >= pl.col(self.other)).fill_null(True)
+    def _holds(self):
+        return pl.col(self.column) >= pl.col(self.other)
 
 
 @dataclass(frozen=True)
