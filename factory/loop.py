@@ -198,7 +198,9 @@ class Engine(Protocol):
     def run(self, domain: Domain, generator: Generator, store: Store, plan: RunPlan, todo: list[ShardState],
             on_progress: Callable[[], None]) -> None:
         """Bring every shard in `todo` to its n, storing its batches in `store`; call
-        `on_progress()` after each store write. Raise AttemptBudgetExceeded if a shard cannot."""
+        `on_progress()` after each store write (an engine whose workers report batches before their
+        shard is stored may also call `on_progress((accepted, attempted), stored_changed=False)`
+        with the not-yet-stored counts). Raise AttemptBudgetExceeded if a shard cannot."""
         ...
 
 
@@ -378,11 +380,16 @@ def _drive_locked(domain: Domain, generator: Generator, store: Store, plan: RunP
     started = time.perf_counter()
     try:
         run = store.run(plan.run_id)
+        stored = [run["accepted"], run["attempted"]]
         with RunProgress(plan.n, run["accepted"], run["attempted"], enabled=progress) as bar:
-            def on_progress():
+            def on_progress(in_flight: tuple[int, int] = (0, 0), stored_changed: bool = True):
+                """After a store write (re-read the run's counters), or with `stored_changed=False`
+                as worker processes report batches not stored yet (`in_flight`: accepted, attempted)."""
                 if bar.enabled:
-                    r = store.run(plan.run_id)
-                    bar.update(r["accepted"], r["attempted"])
+                    if stored_changed:
+                        r = store.run(plan.run_id)
+                        stored[:] = r["accepted"], r["attempted"]
+                    bar.update(stored[0] + in_flight[0], stored[1] + in_flight[1])
             engine.run(domain, generator, store, plan, todo, on_progress)
         if plan.gates:
             reference = gate_reference(domain, list(plan.conditions),

@@ -25,17 +25,20 @@ THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OMP_WAIT_POLICY":
 
 _worker = None  # this process's ShardWorker (set by _init in a worker process)
 _init_error = None  # or why it could not load (a stack that is missing, corrupt, for other columns ...)
+_batches = None  # queue to the main process: (shard, accepted, attempted) after each batch, for progress
+PROGRESS_POLL_S = 0.5  # how often the main process reads that queue while shards run
 
 
 class PoolError(RuntimeError):
     """A local worker process died (killed, out of memory)."""
 
 
-def _init(spec):
+def _init(spec, batches=None):
     os.environ.update(THREAD_ENV)  # before torch is imported in this process
     from factory.ray_engine import ShardWorker
 
-    global _worker, _init_error
+    global _worker, _init_error, _batches
+    _batches = batches
     try:
         _worker = ShardWorker(spec, kind="local")
     except Exception as e:  # kept for the driver: an initializer that raises only breaks the pool, mutely
@@ -60,8 +63,13 @@ def _describe():
     return _loaded().describe()
 
 
+def _report(state):
+    if _batches is not None:
+        _batches.put((state.shard, state.accepted, state.accepted + state.rejected))
+
+
 def _run_shard(plan, state):
-    return _loaded().run_shard(plan, state)
+    return _loaded().run_shard(plan, state, on_batch=_report)
 
 
 class WorkerGenerator:
@@ -95,13 +103,15 @@ class WorkerPool:
     """W spawned worker processes; `start()` early so that they load while the main process does too."""
 
     def __init__(self, spec, workers: int):
-        self.spec, self.workers, self.executor = spec, workers, None
+        self.spec, self.workers, self.executor, self.batches = spec, workers, None, None
 
     def start(self) -> "WorkerPool":
         if self.executor is None:
             # spawn, not fork: a forked child inherits torch's thread pools and locks mid-state
-            self.executor = ProcessPoolExecutor(self.workers, mp_context=mp.get_context("spawn"), initializer=_init,
-                                                initargs=(self.spec,))
+            ctx = mp.get_context("spawn")
+            self.batches = ctx.SimpleQueue()
+            self.executor = ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_init,
+                                                initargs=(self.spec, self.batches))
             # The executor spawns a process only for a task no idle process can take: W tasks now make
             # all W load the model at once (else the second starts loading only when the first is busy).
             for _ in range(self.workers):
@@ -117,6 +127,7 @@ class WorkerPool:
         if self.executor is not None:
             self.executor.shutdown(wait=True, cancel_futures=True)
             self.executor = None
+            self.batches.close()
 
     def run(self, domain, generator, store, plan, todo, on_progress) -> None:
         self.start()
@@ -126,14 +137,30 @@ class WorkerPool:
             if tuple(who) != want:
                 raise PoolError(f"a worker loaded {who[0]} {who[1]} (rules {who[2]}), the main process "
                                 f"{want[0]} {want[1]} (rules {want[2]})")
+            start = {s.shard: (s.accepted, s.accepted + s.rejected) for s in todo}
+            in_flight: dict[int, tuple[int, int]] = {}  # shard -> (accepted, attempted) not stored yet
+
+            def not_stored():
+                return sum(a for a, _ in in_flight.values()), sum(t for _, t in in_flight.values())
+
             pending = {self.executor.submit(_run_shard, plan, s): s for s in todo}
             while pending:
-                done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                done, _ = wait(pending, timeout=PROGRESS_POLL_S, return_when=FIRST_COMPLETED)
+                reported = False
+                while not self.batches.empty():
+                    shard, accepted, attempted = self.batches.get()
+                    if shard in start and any(pending[f].shard == shard for f in pending if f not in done):
+                        in_flight[shard] = (accepted - start[shard][0], attempted - start[shard][1])
+                        reported = True
+                for fut in done:
+                    in_flight.pop(pending[fut].shard, None)
+                if reported and not done:
+                    on_progress(not_stored(), stored_changed=False)
                 for fut in sorted(done, key=lambda f: pending[f].shard):
                     state = pending.pop(fut)
                     result = fut.result()
                     store_batch(store, domain, plan, result.records, result.rejections, result.state,
-                                result.complete, on_progress, result.worker)
+                                result.complete, lambda: on_progress(not_stored()), result.worker)
                     if not result.complete:
                         raise AttemptBudgetExceeded(_budget_message(store, plan, result.state))
                     del state

@@ -84,7 +84,8 @@ class ShardWorker:
         return {"model_id": g.model_id, "model_version": g.model_version, "rules": self.domain.rule_set_hash,
                 "settings": dict(getattr(g, "settings", {})), "conditional": getattr(g, "conditional", False)}
 
-    def run_shard(self, plan: RunPlan, state: ShardState) -> ShardResult:
+    def run_shard(self, plan: RunPlan, state: ShardState, on_batch=None) -> ShardResult:
+        """The whole shard; `on_batch(state)` after each of its batches (progress, nothing stored)."""
         if plan.gates and self._privacy is None:
             self._privacy = PrivacyFilter.for_domain(self.domain)
         records, rejections = [], []
@@ -92,6 +93,8 @@ class ShardWorker:
         def sink(recs, rejs, _state, _done):
             records.append(recs)
             rejections.append(rejs)
+            if on_batch is not None:
+                on_batch(_state)
 
         complete = generate_shard(self.domain, self.generator, plan, state, self._privacy if plan.gates else None,
                                   sink)

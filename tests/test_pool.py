@@ -80,3 +80,20 @@ def test_a_stack_the_workers_cannot_load_is_a_one_line_error_not_a_dead_pool(tmp
     assert p.returncode == 2, p.stderr
     assert p.stderr.strip().splitlines()[-1].startswith(f"error: no trained DiffLM stack at {tmp_path / 'no-stack'}")
     assert "Traceback" not in p.stderr and "worker process died" not in p.stderr
+
+
+def test_progress_counts_batches_of_shards_still_running_in_workers(toy, store, capsys, monkeypatch):
+    """Workers report each batch; the progress line moves within a shard, not only per stored shard,
+    never goes back, and ends at exactly n."""
+    import re
+
+    from factory import pool
+
+    monkeypatch.setenv("FACTORY_PROGRESS_INTERVAL", "0")
+    monkeypatch.setattr(pool, "PROGRESS_POLL_S", 0.02)
+    gen = MarginalBaseline.fit(toy)
+    run_generation(toy, gen, 4000, seed=1, store=store, batch_size=8, shards=2, progress=True, allow_drift=True,
+                   engine=LocalEngine(2, GeneratorSpec("toy", "baseline")))
+    done = [int(m.replace(",", "")) for m in re.findall(r"generate: ([\d,]+) of 4,000", capsys.readouterr().err)]
+    assert done[-1] == 4000 and done == sorted(done)
+    assert any(d not in (0, 2000, 4000) for d in done), done  # a count between stored shards
