@@ -97,3 +97,12 @@ def test_progress_counts_batches_of_shards_still_running_in_workers(toy, store, 
     done = [int(m.replace(",", "")) for m in re.findall(r"generate: ([\d,]+) of 4,000", capsys.readouterr().err)]
     assert done[-1] == 4000 and done == sorted(done)
     assert any(d not in (0, 2000, 4000) for d in done), done  # a count between stored shards
+
+
+def test_a_worker_process_does_not_import_scipy_stats():
+    """What a worker imports (model, privacy filter) leaves the gate's scipy.stats (~0.6 s) to the main process."""
+    code = ("import sys, factory.pool, factory.ray_engine, factory.generators, factory.difflm.pipeline, "
+            "factory.checks.privacy; print('scipy.stats' in sys.modules)")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.strip() == "False"

@@ -11,6 +11,5 @@
   (`python -m factory.checks.calibrate --domain finance --write`).
 """
 from factory.checks.base import Check, GateConfig, GateError
-from factory.checks.gate import gate_config
 
-__all__ = ["Check", "GateConfig", "GateError", "gate_config"]
+__all__ = ["Check", "GateConfig", "GateError"]  # gate_config: factory.checks.gate (scipy: not for workers)

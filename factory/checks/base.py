@@ -41,11 +41,6 @@ class Check:
         op = {"<=": ">", ">=": "<"}[self.direction] if self.status == "failed" else self.direction
         return f"{self.name} {self.statistic:.4g} {op} {self.threshold:.4g}"
 
-    def to_dict(self) -> dict:
-        return {"check": self.name, "columns": self.columns, "statistic": self.statistic,
-                "threshold": self.threshold, "direction": self.direction, "status": self.status,
-                "passed": self.passed, "detail": self.detail}
-
 
 @dataclass(frozen=True)
 class GateConfig:

@@ -71,7 +71,6 @@ from statistics import NormalDist
 
 import numpy as np
 import polars as pl
-from scipy import stats
 
 from factory.checks.base import Check, GateConfig
 from schemas.columns import NULL_TEXT, Numeric, TableSpec
@@ -130,6 +129,8 @@ def quantile_bound(q: float, n: int, m: int, alpha: float) -> float:
     """How far from q chance puts the rank of the run's q-quantile, at level alpha: the exact
     order-statistic (Beta) interval for the run, combined in quadrature with train's normal
     spread (for large n this is the two-sample normal bound z sqrt(q (1 - q) (1/n + 1/m)))."""
+    from scipy import stats  # here, not at import: worker processes import this module and never call it
+
     k = max(1, math.ceil(n * q - 1e-9))  # np.quantile(method="inverted_cdf") returns X_(k)
     lo, hi = stats.beta.ppf([alpha / 2, 1 - alpha / 2], k, n + 1 - k)
     run = max(q - float(lo), float(hi) - q, 0.0)
@@ -236,6 +237,8 @@ def duplicates_bound(n: int, collision: float, alpha: float) -> float:
     records are equal with probability `collision` (Poisson over the C(n, 2) pairs)."""
     if n < 2:
         return 0.0
+    from scipy import stats
+
     lam = n * (n - 1) / 2 * collision
     return float(stats.poisson.ppf(1 - alpha, lam)) / n
 
