@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -82,7 +83,7 @@ def main():
             print(solver, steps, row["runs"][-1], flush=True)
         rows.append(row)
         print(row, flush=True)
-    info["load_avg_end"] = round(__import__("os").getloadavg()[0], 2)
+    info["load_avg_end"] = round(os.getloadavg()[0], 2)
     out = {"machine": info, "domain": args.domain, "n": args.n, "seeds": seeds, "latents": LATENTS, "variants": rows}
     REPORTS.mkdir(parents=True, exist_ok=True)
     stem = REPORTS / f"sampler_{args.domain}"

@@ -89,11 +89,15 @@ class ShardState:
     batches: int = 0
 
     @property
+    def attempted(self) -> int:
+        return self.accepted + self.rejected
+
+    @property
     def generated(self) -> int:
-        return self.accepted + self.rejected + self.surplus
+        return self.attempted + self.surplus
 
     def counters(self) -> dict[str, int]:
-        return {"attempted": self.accepted + self.rejected, "accepted": self.accepted, "rejected": self.rejected,
+        return {"attempted": self.attempted, "accepted": self.accepted, "rejected": self.rejected,
                 "surplus": self.surplus, "batches": self.batches}
 
     @classmethod

@@ -65,7 +65,7 @@ def _describe():
 
 def _report(state):
     if _batches is not None:
-        _batches.put((state.shard, state.accepted, state.accepted + state.rejected))
+        _batches.put((state.shard, state.accepted, state.attempted))
 
 
 def _run_shard(plan, state):
@@ -87,11 +87,7 @@ class WorkerGenerator:
 
     def generate(self, n: int, seed: int, **kwargs):
         if self._generator is None:
-            from factory.domain import load_domain
-            from factory.generators import load_generator
-
-            g = load_generator(load_domain(self.spec.domain), self.spec.model, model_dir=self.spec.model_dir,
-                               **self.spec.options)
+            _, g = self.spec.load()
             if (g.model_id, g.model_version) != (self.model_id, self.model_version):
                 raise PoolError(f"this process loaded {g.model_id} {g.model_version}, the workers "
                                 f"{self.model_id} {self.model_version}")
@@ -137,7 +133,7 @@ class WorkerPool:
             if tuple(who) != want:
                 raise PoolError(f"a worker loaded {who[0]} {who[1]} (rules {who[2]}), the main process "
                                 f"{want[0]} {want[1]} (rules {want[2]})")
-            start = {s.shard: (s.accepted, s.accepted + s.rejected) for s in todo}
+            start = {s.shard: (s.accepted, s.attempted) for s in todo}  # of the shards not stored yet
             in_flight: dict[int, tuple[int, int]] = {}  # shard -> (accepted, attempted) not stored yet
 
             def not_stored():
@@ -149,10 +145,11 @@ class WorkerPool:
                 reported = False
                 while not self.batches.empty():
                     shard, accepted, attempted = self.batches.get()
-                    if shard in start and any(pending[f].shard == shard for f in pending if f not in done):
+                    if shard in start:  # a report may arrive after its shard was stored: ignored
                         in_flight[shard] = (accepted - start[shard][0], attempted - start[shard][1])
                         reported = True
-                for fut in done:
+                for fut in done:  # stored below: counted by the store from now on
+                    start.pop(pending[fut].shard)
                     in_flight.pop(pending[fut].shard, None)
                 if reported and not done:
                     on_progress(not_stored(), stored_changed=False)

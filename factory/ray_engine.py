@@ -52,6 +52,14 @@ class GeneratorSpec:
     model_dir: str | None = None
     options: dict = field(default_factory=dict)
 
+    def load(self):
+        """(domain, generator), as the driver loaded them."""
+        from factory.domain import load_domain
+        from factory.generators import load_generator
+
+        domain = load_domain(self.domain)
+        return domain, load_generator(domain, self.model, model_dir=self.model_dir, **self.options)
+
 
 @dataclass
 class ShardResult:
@@ -67,22 +75,19 @@ class ShardWorker:
     loaded once, running shard after shard."""
 
     def __init__(self, spec: GeneratorSpec, kind: str = "ray"):
-        from factory.domain import load_domain
-        from factory.generators import load_generator
-
-        self.domain = load_domain(spec.domain)
-        self.generator = load_generator(self.domain, spec.model, model_dir=spec.model_dir, **spec.options)
+        self.domain, self.generator = spec.load()
         self._privacy = None  # loaded with the first shard that needs it
         self.name = f"{kind}:{socket.gethostname()}:{os.getpid()}"
-
-    def identity(self) -> tuple[str, str, str]:
-        return self.generator.model_id, self.generator.model_version, self.domain.rule_set_hash
 
     def describe(self) -> dict:
         """What the driver records about the generator (factory.pool.WorkerGenerator)."""
         g = self.generator
         return {"model_id": g.model_id, "model_version": g.model_version, "rules": self.domain.rule_set_hash,
                 "settings": dict(getattr(g, "settings", {})), "conditional": getattr(g, "conditional", False)}
+
+    def identity(self) -> tuple[str, str, str]:
+        d = self.describe()
+        return d["model_id"], d["model_version"], d["rules"]
 
     def run_shard(self, plan: RunPlan, state: ShardState, on_batch=None) -> ShardResult:
         """The whole shard; `on_batch(state)` after each of its batches (progress, nothing stored)."""
