@@ -5,11 +5,23 @@
 For each condition, every method makes n accepted records through the library entry point
 (`factory.loop.run_generation`, a temporary DuckDB; rules, privacy filter and the
 condition's last check all apply):
-- difflm_conditional   drawn condition values, mask forcing, z ~ p(z | c), injector(z, c) (the default)
-- difflm_cond_prior_z  the same conditional stage with z ~ N(0, I) (the diffusion ablation)
-- difflm_mask_only     the shipped unconditional stack, condition columns forced in the mask only
+- difflm_conditional   the default: z ~ p(z | c) and injector(z, c) for c = a drawn real row's values of
+                       the columns named, the mask narrowed to the condition's values and the batch
+                       resampled by each row's probability of meeting it (sequential importance
+                       resampling, DomainDecoder.generate)
+- difflm_cond_prior_z  the same with z ~ N(0, I) (the diffusion ablation)
+- difflm_resample_uncond  the unconditional prompt (z ~ p(z), no conditional stage), resampling only
+- difflm_force         the previous default: the conditional stage, and each row's condition columns
+                       forced to the drawn real row's values (no resampling)
+- difflm_mask_only     the unconditional prompt, condition columns forced to drawn values (no resampling)
 - force_on_uncond      an unconditional difflm sample with the condition's columns overwritten by
                        values drawn from the real rows that meet it (the baseline to beat)
+- mostly_seeded        (with --mostly PYTHON) MOSTLY AI's TabularARGN (mostlyai-engine) fitted on train
+                       for --mostly-minutes, seeded generation `sample(seed_data=...)` with the named
+                       columns' values drawn from the real rows that meet the condition (their real
+                       joint, as the factory draws them); its raw output, judged by the same rules;
+                       for the rebalance, `sample(rebalancing=...)` (benchmarks/mostly.py)
+- sdv_ctgan            SDV 2 CTGAN (--ctgan-epochs), the same way
 - sdv_gaussian_copula  SDV 2 GaussianCopula fitted on train, `sample_from_conditions` with one
                        `Condition` per combination of the named columns' values, in the real
                        conditional shares (SDV conditions are equalities); its raw output, judged
@@ -44,7 +56,8 @@ from schemas.columns import NULL_TEXT, Numeric  # noqa: E402
 
 REPORTS = Path(__file__).resolve().parent.parent / "reports" / "benchmarks"
 CONDITIONS = ("grade IN ('E','F','G')", "loan_status != 'Current'", "term = 60 AND homeownership = 'RENT'")
-METHODS = ("difflm_conditional", "difflm_cond_prior_z", "difflm_mask_only", "force_on_uncond", "sdv_gaussian_copula")
+METHODS = ("difflm_conditional", "difflm_cond_prior_z", "difflm_resample_uncond", "difflm_force", "difflm_mask_only",
+           "force_on_uncond", "sdv_gaussian_copula", "sdv_ctgan")
 MARGIN = 0.05
 
 
@@ -112,6 +125,17 @@ def sdv_conditional(domain, model, cond, n: int) -> tuple[pl.DataFrame, float]:
     return from_sdv(pdf, domain.spec), time.perf_counter() - t
 
 
+def rebalance_stats(domain, records: pl.DataFrame, train: pl.DataFrame) -> dict:
+    per = {}
+    for g in domain.spec["grade"].values:
+        mine, real = records.filter(pl.col("grade") == g), train.filter(pl.col("grade") == g)
+        per[g] = {"share": round(mine.height / records.height, 4), "real_rows": real.height,
+                  "ks_interest_rate": round(ks_statistic(mine["interest_rate"].to_numpy(),
+                                                         real["interest_rate"].to_numpy()), 4) if mine.height else 1.0}
+    return {"grades": per, "max_share_error": round(max(abs(v["share"] - 1 / len(per)) for v in per.values()), 4),
+            "max_ks_interest_rate": max(v["ks_interest_rate"] for v in per.values())}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--domain", default="finance")
@@ -121,6 +145,9 @@ def main():
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     ap.add_argument("--no-rebalance", action="store_true")
     ap.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance weight (1 = plain p(z | c))")
+    ap.add_argument("--mostly", default=None, help="a Python with mostlyai-engine installed (benchmarks/mostly.py)")
+    ap.add_argument("--ctgan-epochs", type=int, default=50)
+    ap.add_argument("--mostly-minutes", type=float, default=10.0, help="TabularARGN max_training_time (minutes)")
     args = ap.parse_args()
     from factory.difflm.pipeline import DiffLMGenerator
 
@@ -129,7 +156,12 @@ def main():
     model_dir = Path(args.model_dir) if args.model_dir else domain.model_dir
     gens = {"difflm_conditional": lambda: DiffLMGenerator.from_pretrained(model_dir, domain, guidance=args.guidance),
             "difflm_cond_prior_z": lambda: DiffLMGenerator.from_pretrained(model_dir, domain, latent="prior"),
-            "difflm_mask_only": lambda: DiffLMGenerator.from_pretrained(model_dir, domain, conditional_stack=False)}
+            "difflm_resample_uncond": lambda: DiffLMGenerator.from_pretrained(model_dir, domain,
+                                                                              conditional_stack=False),
+            "difflm_force": lambda: DiffLMGenerator.from_pretrained(model_dir, domain, guidance=args.guidance,
+                                                                    conditioning="force"),
+            "difflm_mask_only": lambda: DiffLMGenerator.from_pretrained(model_dir, domain, conditional_stack=False,
+                                                                        conditioning="force")}
     train, val = domain.load_split("train"), domain.load_split("val")
     out = {"machine": info, "args": vars(args), "margin": MARGIN, "conditions": {}}
     uncond = sdv = None
@@ -142,10 +174,35 @@ def main():
         sdv = GaussianCopulaSynthesizer(sdv_metadata(domain.spec))
         sdv.fit({SDV_TABLE: to_sdv(train, domain.spec)})  # SDV 2: {table: frame}
         out["sdv_fit_seconds"] = round(time.perf_counter() - t, 1)
+    ctgan = None
+    if "sdv_ctgan" in args.methods:
+        from sdv.single_table import CTGANSynthesizer
+
+        from benchmarks.peers import SDV_TABLE, sdv_metadata, to_sdv
+
+        t = time.perf_counter()
+        ctgan = CTGANSynthesizer(sdv_metadata(domain.spec), epochs=args.ctgan_epochs, enable_gpu=False)
+        ctgan.fit({SDV_TABLE: to_sdv(train, domain.spec)})
+        out["ctgan_fit_seconds"] = round(time.perf_counter() - t, 1)
     if "force_on_uncond" in args.methods:
         uncond, meta = generate(domain, gens["difflm_mask_only"](), args.n, args.seed, gates=False)
         out["unconditional"] = meta
-    for sql in CONDITIONS:
+    mostly = None
+    if args.mostly:
+        from benchmarks.mostly import run_mostly
+
+        jobs = [{"name": f"c{i}", "seed": parse_condition(domain, sql).draw(args.n, args.seed)
+                 .select(parse_condition(domain, sql).columns)} for i, sql in enumerate(CONDITIONS)]
+        values = domain.spec["grade"].values
+        jobs.append({"name": "rebalance", "n": 7 * (args.n // 2),
+                     "rebalancing": {"column": "grade", "probabilities": {g: round(1 / len(values), 6)
+                                                                          for g in values}}})
+        with tempfile.TemporaryDirectory() as tmp:
+            mostly = run_mostly(args.mostly, train, domain.spec, Path(tmp), jobs, seed=args.seed,
+                                max_training_time=args.mostly_minutes)
+        out["mostly"] = {k: v for k, v in mostly.items() if k != "jobs"}
+        print("mostly", out["mostly"], flush=True)
+    for i, sql in enumerate(CONDITIONS):
         cond = parse_condition(domain, sql)
         real_train, real_val = train.filter(cond.holds(train)), val.filter(cond.holds(val))
         entry = {"support_train": round(cond.support, 4), "train_rows": real_train.height, "val_rows": real_val.height,
@@ -153,11 +210,16 @@ def main():
         if uncond is not None:  # rejection from the unconditional model: 1 / (share of its records that meet it)
             share = float(cond.holds(uncond).mean())
             entry["rejection_attempts_per_record"] = round(1 / share, 2) if share else None
-        for m in args.methods:
-            if m == "sdv_gaussian_copula":
-                records, seconds = sdv_conditional(domain, sdv, cond, args.n)
+        for m in [*args.methods, *(["mostly_seeded"] if mostly and "jobs" in mostly else [])]:
+            if m in ("sdv_gaussian_copula", "sdv_ctgan"):
+                records, seconds = sdv_conditional(domain, sdv if m == "sdv_gaussian_copula" else ctgan, cond, args.n)
                 meta = {"rule_valid": round(domain.validator.validate(records).n_valid / records.height, 4),
                         "seconds": round(seconds, 1), "condition_holds": round(float(cond.holds(records).mean()), 4)}
+            elif m == "mostly_seeded":
+                job = mostly["jobs"][f"c{i}"]
+                records = job["frame"]
+                meta = {"rule_valid": round(domain.validator.validate(records).n_valid / records.height, 4),
+                        "seconds": job["sample_s"], "condition_holds": round(float(cond.holds(records).mean()), 4)}
             elif m == "force_on_uncond":
                 records, meta = force_on(domain, uncond, cond, args.seed), {"rule_valid": None}
                 meta["rule_valid"] = round(domain.validator.validate(records).n_valid / records.height, 4)
@@ -171,16 +233,14 @@ def main():
     if not args.no_rebalance:
         n = 7 * (args.n // 2)
         records, meta = generate(domain, gens["difflm_conditional"](), n, args.seed, rebalance="grade")
-        per = {}
-        for g in domain.spec["grade"].values:
-            mine, real = records.filter(pl.col("grade") == g), train.filter(pl.col("grade") == g)
-            per[g] = {"share": round(mine.height / records.height, 4), "real_rows": real.height,
-                      "ks_interest_rate": round(ks_statistic(mine["interest_rate"].to_numpy(),
-                                                             real["interest_rate"].to_numpy()), 4)}
-        meta["grades"] = per
-        meta["max_share_error"] = round(max(abs(v["share"] - 1 / 7) for v in per.values()), 4)
-        meta["max_ks_interest_rate"] = max(v["ks_interest_rate"] for v in per.values())
+        meta |= rebalance_stats(domain, records, train)
         out["rebalance_grade"] = meta
+        if mostly and "jobs" in mostly:
+            job = mostly["jobs"]["rebalance"]
+            mine = job["frame"]
+            out["rebalance_grade_mostly"] = rebalance_stats(domain, mine, train) | {
+                "seconds": job["sample_s"], "accepted": mine.height,
+                "rule_valid": round(domain.validator.validate(mine).n_valid / mine.height, 4)}
         print("rebalance", meta["max_share_error"], meta["max_ks_interest_rate"], flush=True)
     REPORTS.mkdir(parents=True, exist_ok=True)
     stem = REPORTS / (f"conditional_{args.domain}" + ("" if args.guidance == 1.0 else f"_guidance{args.guidance:g}"))
@@ -219,15 +279,29 @@ def render(out: dict, command: str) -> str:
         lines.append(f"{r['accepted']} records, {r['attempts_per_record']} attempts per record, {r['seconds']} s; "
                      f"largest share error {r['max_share_error']} (target <= 0.01); largest interest_rate KS within a "
                      f"grade {r['max_ks_interest_rate']} (target <= 0.1); gate {r['gate']['status'] if r['gate'] else 'n/a'}.\n")
-        lines.append("| grade | share | real train rows | KS interest_rate |")
-        lines.append("|---|---|---|---|")
+        m = out.get("rebalance_grade_mostly")
+        if m:
+            lines.append(f"MOSTLY AI `sample(rebalancing=...)`: {m['accepted']} rows, {m['seconds']} s sampling; largest "
+                         f"share error {m['max_share_error']}; largest interest_rate KS within a grade "
+                         f"{m['max_ks_interest_rate']}; rule-valid {m['rule_valid']}.\n")
+        lines.append("| grade | share | real train rows | KS interest_rate |" + (" MOSTLY share | MOSTLY KS |" if m else ""))
+        lines.append("|---|---|---|---|" + ("---|---|" if m else ""))
         for g, v in r["grades"].items():
-            lines.append(f"| {g} | {v['share']} | {v['real_rows']} | {v['ks_interest_rate']} |")
+            lines.append(f"| {g} | {v['share']} | {v['real_rows']} | {v['ks_interest_rate']} |"
+                         + (f" {m['grades'][g]['share']} | {m['grades'][g]['ks_interest_rate']} |" if m else ""))
         lines.append("")
     lines.append("SDV GaussianCopula `sample_from_conditions` is side by side above (fit once, "
                  f"{out.get('sdv_fit_seconds', 'n/a')} s; its seconds are sampling only; rule-valid = share of its raw "
-                 "rows that pass every rule, which the factory's records do by construction). CTGAN and "
-                 "mostlyai-engine were not run (time; mostlyai-engine is not installed).\n")
+                 "rows that pass every rule, which the factory's records do by construction).")
+    if "mostly" in out:
+        lines.append(f"MOSTLY AI's TabularARGN (mostlyai-engine): fit {out['mostly'].get('fit_s', 'n/a')} s "
+                     f"(max_training_time {out['args']['mostly_minutes']} min); its seconds are sampling only; "
+                     f"{out['mostly'].get('error', '')}")
+    else:
+        lines.append("MOSTLY AI's engine was not run (pass --mostly PYTHON).")
+    lines.append(f"SDV CTGAN: {out['args']['ctgan_epochs']} epochs, fit {out.get('ctgan_fit_seconds', 'n/a')} s, "
+                 "`sample_from_conditions` as for GaussianCopula.\n" if "ctgan_fit_seconds" in out else
+                 "SDV CTGAN was not run (not in --methods).\n")
     return "\n".join(lines)
 
 

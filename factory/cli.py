@@ -345,6 +345,8 @@ def _resume(run_id: str, db: Path, out_path: Optional[Path], force: bool, quiet:
         opts = {"precision": settings["precision"]} if "precision" in settings else {}  # and its precision
         if "diffusion_steps" in settings:  # and its latent sampler (runs that recorded no solver used heun)
             opts.update(steps=settings["diffusion_steps"], solver=settings.get("diffusion_solver", "heun"))
+            # and how it met its condition (runs that recorded none forced drawn values)
+            opts.update(conditioning=settings.get("conditioning", "force"), particles=settings.get("particles", 1))
         loop_engine, generator = load_engine(engine, d, settings.get("model"), settings.get("model_dir"), address,
                                              workers, device, settings.get("shards", 1), opts)
         try:

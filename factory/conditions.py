@@ -64,6 +64,23 @@ class Condition:
         idx = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(15,))).integers(0, self.real.height, size=n)
         return self.real[idx]
 
+    def allowed_values(self, spec) -> dict:
+        """What the real rows meeting the condition take in each of `forced` (columns of `spec`, the
+        domain's): {categorical: set of values (None = null)}, {numeric: (min, max, any null)}.
+        It is the narrowing a decoder applies; it is wider than the condition only where the
+        condition relates columns to each other (an OR across columns): the last check decides."""
+        from schemas.columns import Categorical
+
+        out = {}
+        for name in self.forced:
+            s = self.real[name]
+            if isinstance(spec[name], Categorical):
+                out[name] = set(s.unique().to_list())
+            else:
+                v = s.drop_nulls().cast(pl.Float64)
+                out[name] = (v.min(), v.max(), s.null_count() > 0) if len(v) else (0.0, 0.0, True)
+        return out
+
     def settings(self) -> dict:
         return {"sql": self.sql, "columns": list(self.columns), "support": round(self.support, 6),
                 "train_rows_meeting": self.real.height}

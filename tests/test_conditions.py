@@ -267,3 +267,92 @@ def test_tiny_conditional_stage_trains_saves_and_generates_records_meeting_the_c
                            gates=False) for _ in range(2)]
     a, b = (store.records(finance, r.run_id) for r in runs)
     assert a.height == 40 and violations(a, sql) == 0 and a.equals(b)
+
+
+# ---- sequential importance resampling (conditioning="resample") ----------------------------
+def test_systematic_resample_keeps_each_row_in_proportion_to_its_weight():
+    from factory.difflm.decoder import systematic_resample
+
+    w = torch.tensor([0.0, 0.5, 0.25, 0.25])
+    for seed in range(5):
+        idx = systematic_resample(w.log(), torch.Generator().manual_seed(seed), 8)
+        assert torch.bincount(idx, minlength=4).tolist() == [0, 4, 2, 2]  # exact: floor/ceil of n * w
+    idx = systematic_resample(torch.tensor([float("-inf"), 0.0, float("-inf")]), torch.Generator().manual_seed(0))
+    assert idx.tolist() == [1, 1, 1]  # a row of weight 0 is never kept
+    idx = systematic_resample(torch.zeros(6), torch.Generator().manual_seed(0), 3)
+    assert len(idx) == 3 and len(set(idx.tolist())) == 3  # fewer rows than particles: no row twice
+
+
+def _sharp_decoder(tok, seed=0):
+    from factory.difflm.decoder import DecoderConfig, DomainDecoder
+
+    torch.manual_seed(seed)
+    dec = DomainDecoder(DecoderConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, prompt_len=2,
+                                      vocab_size=tok.vocab_size, seq_len=tok.length))
+    with torch.no_grad():  # a random LM whose columns depend strongly on each other
+        dec.lm.get_input_embeddings().weight.mul_(40)
+    return dec.freeze()
+
+
+def test_resampling_follows_the_lms_conditional_where_forcing_does_not(finance):
+    """A condition on a later column (homeownership) must shift an earlier one (application_type)
+    as the LM's own joint does. Reference: the LM's exact conditional, by rejection from a large
+    unconditional sample."""
+    from factory.difflm.tokenizer import SchemaTokenizer
+
+    tok = SchemaTokenizer(finance.spec, finance.spec.generated_names)
+    dec = _sharp_decoder(tok)
+    n = 6000
+
+    def shares(ids, column):
+        vals = tok.decode(ids)[column].cast(pl.String).fill_null("null")
+        return vals.value_counts(normalize=True).sort(column)
+
+    free = dec.generate(None, tok, torch.Generator().manual_seed(1), batch=4 * n)
+    rare = shares(free, "homeownership").sort("proportion")["homeownership"][0]  # the condition: the rarest value
+    reference = tok.decode(free).filter(pl.col("homeownership") == rare)
+    assert reference.height > 300
+    want = reference["application_type"].value_counts(normalize=True).sort("application_type")
+    narrowing = tok.narrowing({"homeownership": {rare}})
+    smc = dec.generate(None, tok, torch.Generator().manual_seed(2), batch=n, narrowing=narrowing)
+    t = next(i for i, s in enumerate(tok.slots) if s.column == "homeownership")
+    mask = torch.zeros(n, tok.vocab_size, dtype=torch.bool)
+    mask[:, tok.cat_ids["homeownership"][rare]] = True
+    forced = dec.generate(None, tok, torch.Generator().manual_seed(2), batch=n, row_masks={t: mask})
+
+    def gap(ids):
+        got = shares(ids, "application_type").join(want, on="application_type", how="full", coalesce=True)
+        return 0.5 * (got["proportion"].fill_null(0) - got["proportion_right"].fill_null(0)).abs().sum()
+
+    assert (tok.decode(smc)["homeownership"] == rare).all()
+    assert gap(forced) > 0.1  # the test can fail: forcing keeps the LM's marginal of the earlier column
+    assert gap(smc) < 0.04
+
+
+def test_particles_keep_the_rows_asked_for_and_more_of_them_distinct(finance):
+    from factory.difflm.tokenizer import SchemaTokenizer
+
+    tok = SchemaTokenizer(finance.spec, finance.spec.generated_names)
+    dec = _sharp_decoder(tok)
+    narrowing = tok.narrowing({"homeownership": {"OWN"}, "term": {60}})
+    t = next(i for i, s in enumerate(tok.slots) if s.column == "term")
+    distinct = []
+    for particles in (1, 4):
+        ids = dec.generate(None, tok, torch.Generator().manual_seed(3), batch=400 * particles, narrowing=narrowing,
+                           keep=400)
+        assert ids.shape == (400, tok.length)
+        got = tok.decode(ids)
+        assert (got["homeownership"] == "OWN").all() and (got["term"] == 60).all()
+        distinct.append(torch.unique(ids[:, :t], dim=0).shape[0])
+    assert distinct[1] > distinct[0]
+
+
+def test_numeric_narrowing_keeps_values_inside_the_interval(finance):
+    from factory.difflm.tokenizer import SchemaTokenizer
+
+    tok = SchemaTokenizer(finance.spec, finance.spec.generated_names)
+    dec = _sharp_decoder(tok, seed=1)
+    narrowing = tok.narrowing({"annual_income": (123456.78, 150000.0, False)})
+    got = tok.decode(dec.generate(None, tok, torch.Generator().manual_seed(4), batch=300, narrowing=narrowing))
+    income = got["annual_income"]
+    assert income.null_count() == 0 and income.min() >= 123456.78 and income.max() <= 150000.0

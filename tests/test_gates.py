@@ -148,6 +148,22 @@ def test_sampling_bounds():
     p = np.array([0.5, 0.3, 0.15, 0.05])
     assert coverage_bound(p, 10_000, 0.001) == 1.0  # nothing can be missed
     assert coverage_bound(p, 20, 0.001) < 1.0  # 20 draws may well miss the 5% category
+    # a small reference (a conditioned run's 321 rows): a category seen 4 times may be much rarer
+    small = np.array([4, 100, 217]) / 321
+    assert coverage_bound(small, 1000, 1e-4) == 1.0 > coverage_bound(small, 1000, 1e-4, m=321)
+    assert coverage_bound(small, 1000, 1e-4, m=10**7) == 1.0  # a large reference: the shares as given
+    # and the bound then holds by simulation: a generator whose share is 4 in 1,000 (the reference
+    # saw 4 in 321 by chance) misses the category with no more than the check's level
+    true = np.array([0.004, 0.35, 0.646])
+    seen = np.random.default_rng(1).multinomial(321, true, size=4000)
+    rare_enough = seen[:, 0] >= 4  # references in which the category looks "frequent" (>= 1%)
+    runs = np.random.default_rng(2).multinomial(1000, true, size=int(rare_enough.sum()))
+    a = 0.01
+    bounds = np.array([coverage_bound(k / 321, 1000, a, m=321) for k in seen[rare_enough]])
+    coverage = (runs > 0).mean(1)
+    assert np.mean(coverage < bounds - 1e-12) <= a
+    naive = np.array([coverage_bound(k / 321, 1000, a) for k in seen[rare_enough]])
+    assert np.mean(coverage < naive - 1e-12) > a  # the test can fail: shares taken as given miss too often
     # the quantile bound holds by simulation: ranks of a sample median of 30 uniform draws
     rng = np.random.default_rng(0)
     ranks = np.quantile(rng.random((20_000, 30)), 0.5, axis=1, method="inverted_cdf")

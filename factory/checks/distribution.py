@@ -53,7 +53,9 @@ Bounds at level a (n: the run's records, m: train's):
   (changing one record moves the TVD by at most 1/n, resp. 1/m). A bound at a ~ 1e-4 cannot
   be read off a bootstrap's tail; this one holds at any a.
 - coverage: 1 - j/K, where j is the smallest number of the K frequent categories that n
-  draws miss with probability <= a (exact Poisson-binomial over the train shares).
+  draws miss with probability <= a (exact Poisson-binomial over the train shares, each at its
+  Clopper-Pearson lower bound at level a given the m train rows: with a small reference, as a
+  conditioned run's, a category can look frequent by chance).
 - corr:max: z(a / (2 P)) sqrt(1/(n-1) + 1/(m-1)), Bonferroni over the P pairs, using the
   standard error of a rank correlation at independence (its largest value).
 - duplicates: Poisson(C(n, 2) c) quantile at 1 - a, divided by n, where c is the chance that
@@ -170,12 +172,20 @@ def tvd_bound(p: np.ndarray, n: int, m: int, alpha: float, draws: int = BOOTSTRA
     return mean + math.sqrt(math.log(1 / alpha) / 2 * (1 / n + 1 / m))
 
 
-def coverage_bound(p: np.ndarray, n: int, alpha: float) -> float:
+def coverage_bound(p: np.ndarray, n: int, alpha: float, m: int | None = None) -> float:
     """Smallest coverage that n draws from shares p reach with probability >= 1 - alpha
-    (p: the shares of the K frequent categories)."""
+    (p: the shares of the K frequent categories, observed in m reference rows). With m, each
+    share is taken at its one-sided Clopper-Pearson lower bound at level alpha: the reference's
+    own sampling noise (a category of 4 in 321 conditioned rows is "frequent" at 1.2%, yet its
+    share may be 0.3%) must not count against the run."""
     K = len(p)
     if K == 0:
         return 1.0
+    if m is not None:
+        from scipy import stats  # here, not at import (see quantile_bound)
+
+        k = np.round(np.asarray(p) * m)
+        p = np.where(k > 0, stats.beta.ppf(alpha, np.maximum(k, 1), m - k + 1), 0.0)
     miss = (1 - p) ** n  # P(category j absent from n draws), treated as independent
     dist = np.zeros(K + 1)
     dist[0] = 1.0
@@ -364,7 +374,7 @@ def distribution_checks(run: pl.DataFrame, train: pl.DataFrame, spec: TableSpec,
             present = pa[frequent] > 0
             missing = [cat for cat, f, p in zip(cats, frequent, pa) if f and p == 0]
             checks.append(_judge(f"coverage:{c.name}", c.name, float(present.mean()) if frequent.any() else 1.0,
-                                 thr.get(f"coverage:{c.name}"), coverage_bound(pb[frequent], n, a_check), ">=",
+                                 thr.get(f"coverage:{c.name}"), coverage_bound(pb[frequent], n, a_check, m), ">=",
                                  extra=f"{int(present.sum())} of {int(frequent.sum())} categories with >= "
                                        f"{cfg.coverage_min_share:.0%} of train" +
                                        (f"; missing {', '.join(missing[:5])}" if missing else "")))

@@ -95,12 +95,27 @@ class DomainDecoder(FrozenLM):
     def generate(self, prompt: torch.Tensor | None, tokenizer: SchemaTokenizer, generator: torch.Generator,
                  temperature: float = 1.0, constrained: bool = True, batch: int | None = None,
                  min_p: float = 0.0, row_masks: dict[int, torch.Tensor] | None = None,
-                 impl: str = "fast") -> torch.Tensor:
+                 narrowing: dict | None = None, keep: int | None = None, impl: str = "fast") -> torch.Tensor:
         """Sample one record per prompt row; returns ids [B, L].
 
         `row_masks` {position t: BoolTensor [B, V]}: per-row masks ANDed with the schema mask at
         step t (conditions force a column's value this way); a row the AND would leave with no
         token keeps the schema mask alone (the loop's condition check then rejects it).
+
+        `narrowing` (from `tokenizer.narrowing`, a condition's values per column): sequential
+        importance resampling, so the rows follow the LM's own distribution *given* the condition,
+        not its marginal with a forced value. At each position the condition narrows, every row is
+        weighted by the probability the LM gives the narrowed tokens (its chance of meeting the
+        condition there, given everything decoded before), the batch is resampled by those
+        weights (systematic resampling), and the token is then drawn from the narrowed mask. The
+        columns decoded *before* a condition column so follow p(prefix | condition) instead of
+        p(prefix); no record is decoded twice. Every weight is reset by the resampling, so the
+        finished rows are unweighted. A row the condition leaves with no token gets weight 0; if
+        every row does, the step keeps the schema mask (the loop's condition check then rejects).
+        Needs `impl="fast"` (its cache is resampled with the rows). `keep` (<= the prompt's rows):
+        the rows to return; the prompt's extra rows are particles kept up to the last narrowed
+        position, whose resampling chooses `keep` rows among them, so fewer finished records share
+        the columns decoded before the condition (if no step narrows, the first `keep` rows).
 
         `min_p` > 0: drop tokens whose probability is below min_p times the step's most
         likely token's (min-p sampling), after the schema mask.
@@ -119,6 +134,8 @@ class DomainDecoder(FrozenLM):
         k = prompt.shape[1]
         bos = self.embed(torch.full((B, 1), BOS, dtype=torch.long, device=dev))
         x = torch.cat([prompt.to(bos.dtype), bos], 1)
+        if narrowing and impl != "fast":
+            raise ValueError("narrowing (conditions) needs impl='fast'")
         if impl == "fast":
             run = self.decode_step().start(B, k + 1 + tokenizer.length)
             for p in range(k):
@@ -135,6 +152,7 @@ class DomainDecoder(FrozenLM):
         else:
             raise ValueError(f"impl must be fast or transformers, got {impl!r}")
         state = tokenizer.init_state(B)
+        last_narrowed = max((t for t, sl in enumerate(tokenizer.slots) if sl.column in (narrowing or {})), default=-1)
         tokens = []
         log_min_p = math.log(min_p) if min_p > 0 else None
         for t in range(tokenizer.length):
@@ -146,6 +164,20 @@ class DomainDecoder(FrozenLM):
             if row_masks is not None and t in row_masks:  # per-row hook (conditions); see the docstring
                 forced = logits.masked_fill(~row_masks[t], float("-inf"))
                 logits = torch.where(torch.isfinite(forced).any(-1, keepdim=True), forced, logits)
+            narrowed = tokenizer.narrow(t, state, torch.isfinite(logits), narrowing) if narrowing else None
+            if narrowed is not None:
+                cond = logits.masked_fill(~narrowed, float("-inf"))
+                logw = torch.logsumexp(cond, -1) - torch.logsumexp(logits, -1)  # log p(condition here | row)
+                if bool(torch.isfinite(logw).any()):
+                    last = t == last_narrowed  # the batch shrinks to `keep` rows at the last one
+                    idx = systematic_resample(logw, generator, keep if last else None)
+                    keep = None if last else keep
+                    cond, state = cond[idx], tokenizer.select_rows(state, idx)
+                    tokens = [x[idx] for x in tokens]
+                    run.select_rows(idx)
+                    if row_masks is not None:
+                        row_masks = {p: (m[idx] if p > t else m) for p, m in row_masks.items()}
+                    logits = cond
             if min_p > 0:  # p / p_max < min_p  <=>  logit < max logit + log(min_p)
                 logits = logits.masked_fill(logits < logits.amax(-1, keepdim=True) + log_min_p, float("-inf"))
             # Gumbel-max: one pass, no normalization, same distribution as multinomial.
@@ -155,7 +187,7 @@ class DomainDecoder(FrozenLM):
             tokens.append(nxt)
             if t + 1 < tokenizer.length:
                 logits = forward(nxt, k + 1 + t)
-        return torch.stack(tokens, 1)
+        return torch.stack(tokens, 1)[:keep]
 
     def decode_step(self) -> "DecodeStep":
         """The LM's weights laid out for `DecodeStep`, rebuilt when they change (dtype, device, training)."""
@@ -204,6 +236,18 @@ class DomainDecoder(FrozenLM):
                              f"unexpected {unexpected[:3]}")
         model.lm.tie_weights()
         return model
+
+
+def systematic_resample(logw: torch.Tensor, generator: torch.Generator, n: int | None = None) -> torch.Tensor:
+    """n (default: all) row indices drawn in proportion to exp(logw) (systematic resampling: one
+    uniform for the whole draw, so a row of weight w is kept floor(n w) or ceil(n w) times). Rows of
+    weight 0 (logw = -inf) are never kept; at least one weight must be positive."""
+    n = logw.shape[0] if n is None else n
+    w = torch.softmax(logw.double(), 0)
+    u = (torch.rand(1, generator=generator, device=logw.device, dtype=torch.float64)
+         + torch.arange(n, device=logw.device, dtype=torch.float64)) / n
+    idx = torch.searchsorted(torch.cumsum(w, 0), u, right=True)
+    return idx.clamp_(max=int(torch.nonzero(w > 0).max()))  # cumsum rounding below 1 at the top
 
 
 class DecodeStep:
@@ -263,6 +307,10 @@ class DecodeStep:
         self.Kt = torch.empty(*shape, self.head_dim, length, dtype=self.dtype, device=self.device)
         self.V = torch.empty(*shape, length, self.head_dim, dtype=self.dtype, device=self.device)
         return self
+
+    def select_rows(self, idx: torch.Tensor):
+        """Keep rows `idx` of the running batch's cache (a resampling: rows may repeat)."""
+        self.Kt, self.V = self.Kt[:, idx], self.V[:, idx]
 
     def _rms(self, x, w):  # transformers' LlamaRMSNorm
         xf = x.to(torch.float32)

@@ -98,6 +98,19 @@ def sum_caps(derivations: dict, order: list[str]):
 MIN_P = 0.0
 
 
+# How a decoder meets a condition (factory/conditions.py):
+# - "resample" (default): the condition's values narrow the mask, and the batch is resampled by each
+#   row's probability of meeting the condition at that position (DomainDecoder.generate), so the
+#   columns decoded before a condition column follow the LM's conditional, not its marginal;
+# - "force": each row copies the condition columns' values from a drawn real row that meets it
+#   (the method of runs made before "resample"; their --resume keeps it).
+CONDITIONING = ("resample", "force")
+# With "resample": prompts decoded per record asked for. The first resampling picks the batch's rows
+# among them, so fewer records share the columns decoded before the condition (see benchmarks/
+# conditional.py for what each value costs and gives).
+PARTICLES = 2
+
+
 class DiffLMGenerator:
     model_id = "difflm"
     conditional = True  # generate(n, seed, condition=...) (factory/conditions.py)
@@ -107,12 +120,19 @@ class DiffLMGenerator:
                  temperature: float = 1.0, threads: int = 1, precision: str = "auto",
                  relations: bool = True, device: str | torch.device = "cpu", observed_max: bool = True,
                  min_p: float = MIN_P, conditional_stack: dict | None = None, guidance: float = 1.0,
-                 solver: str | None = None, steps: int | None = None):
+                 solver: str | None = None, steps: int | None = None, conditioning: str = "resample",
+                 particles: int = PARTICLES):
         if latent not in ("diffusion", "prior"):
             raise ModelError(f"latent must be 'diffusion' or 'prior', got {latent!r}")
         if not 0.0 <= min_p < 1.0:
             raise ModelError(f"min_p must be in [0, 1), got {min_p!r}")
         self.min_p = min_p
+        if conditioning not in CONDITIONING:
+            raise ModelError(f"conditioning must be one of {', '.join(CONDITIONING)}, got {conditioning!r}")
+        self.conditioning = conditioning
+        if isinstance(particles, bool) or not isinstance(particles, int) or particles < 1:
+            raise ModelError(f"particles must be a positive integer, got {particles!r}")
+        self.particles = particles
         # the latent sampler's solver and steps, instead of the stack's (e.g. --resume of a run made
         # before the default solver changed: a run keeps the sampler it started with)
         if solver is not None and solver not in SOLVERS:
@@ -150,6 +170,8 @@ class DiffLMGenerator:
         self.guidance = guidance
         self.settings["conditional_stack"] = self.cstack is not None
         self.settings["guidance"] = guidance
+        self.settings["conditioning"] = conditioning
+        self.settings["particles"] = particles
 
     @classmethod
     def from_pretrained(cls, path: str | Path, domain, device: str | torch.device = "cpu",
@@ -208,19 +230,23 @@ class DiffLMGenerator:
     @torch.no_grad()
     def generate_ids(self, n: int, seed: int, condition=None) -> torch.Tensor:
         g = torch.Generator(device=self.device).manual_seed(seed)
-        rows = condition.draw(n, seed) if condition is not None else None
+        narrowing, k = None, 1
+        if condition is not None and self.conditioning == "resample" and self.constrained:
+            narrowing, k = self.tok.narrowing(condition.allowed_values(self.domain.spec)), self.particles
+        rows = condition.draw(n * k, seed) if condition is not None else None
         out = []
         for start in range(0, n, self.batch_size):
             b = min(self.batch_size, n - start)
             if rows is None:
                 prompt, masks = self.inj(self.sample_latents(b, g)), None
             else:
-                part = rows[start:start + b]
-                prompt, masks = self.conditioned_prompt(part, condition, g), self.row_masks(part, condition.forced)
+                part = rows[start * k:(start + b) * k]
+                prompt = self.conditioned_prompt(part, condition, g)
+                masks = self.row_masks(part, condition.forced) if self.conditioning == "force" else None
             cdec = None if rows is None or self.cstack is None else self.cstack.get("decoder")
             dec = self.dec if cdec is None else cdec
             out.append(dec.generate(prompt, self.tok, g, self.temperature, self.constrained, min_p=self.min_p,
-                                    row_masks=masks))
+                                    row_masks=masks, narrowing=narrowing, keep=b))
         return torch.cat(out).cpu() if out else torch.zeros(0, self.tok.length, dtype=torch.long)
 
     def conditioned_prompt(self, rows, condition, g: torch.Generator) -> torch.Tensor:

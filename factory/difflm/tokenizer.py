@@ -393,13 +393,7 @@ class SchemaTokenizer:
             mask[not_null, NULL] = False
         else:
             mask = base.clone()
-            # chunk d is allowed iff some completion of prefix*BASE + d lies in the row's [lo, hi]
-            # (in written units: value - offset)
-            d = torch.arange(BASE, device=self.device)
-            low = (state["prefix"][:, None] * BASE + d[None, :]) * self.place[t]
-            high = low + self.place[t] - 1
-            off = self.slot_offset[t]
-            ok = (high >= (state["lo"] - off)[:, None]) & (low <= (state["hi"] - off)[:, None])
+            ok = self._chunks_ok(t, state["prefix"], state["lo"], state["hi"])
             if s.chunk == 0:
                 mask[:, self.chunk0:self.chunk0 + BASE] = ok & (state["force"] != 1)[:, None]
                 mask[:, NULL] = base[:, NULL] & (state["force"] != 2)
@@ -413,6 +407,63 @@ class SchemaTokenizer:
             mask[stuck] = base[stuck]
             state["fallback"] = stuck if state.get("fallback") is None else state["fallback"] | stuck
         return mask
+
+    def _chunks_ok(self, t: int, prefix: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+        """[B, BASE]: chunk d is allowed at numeric position t iff some completion of
+        prefix*BASE + d lies in the row's [lo, hi] (in written units: value - offset)."""
+        d = torch.arange(BASE, device=self.device)
+        low = (prefix[:, None] * BASE + d[None, :]) * self.place[t]
+        high = low + self.place[t] - 1
+        off = self.slot_offset[t]
+        return (high >= (lo - off)[:, None]) & (low <= (hi - off)[:, None])
+
+    # ---- conditions: a narrower set of values for some columns -----------------------------
+    def narrowing(self, allowed: dict) -> dict:
+        """Compile {column: set of values (None = null)} for categoricals and {column: (lo, hi,
+        null_ok)} for numerics into what `narrow` reads. Columns the tokenizer does not write are
+        ignored (a condition on a derived column is checked after decoding)."""
+        out = {}
+        for name, a in allowed.items():
+            if name not in self.cat_ids and name not in self.offsets:
+                continue
+            col = self.spec[name]
+            if isinstance(col, Categorical):
+                ok = torch.zeros(self.vocab_size, dtype=torch.bool)
+                ok[self._ids_of(name, [v for v in a if v is not None]).cpu()] = True
+                ok[NULL] = None in a
+                out[name] = ok.to(self.device)
+            else:
+                lo, hi, null_ok = a
+                out[name] = (math.ceil(lo * col.scale - 1e-6), math.floor(hi * col.scale + 1e-6), bool(null_ok))
+        return out
+
+    def narrow(self, t: int, state: dict, mask: torch.Tensor, narrowing: dict) -> torch.Tensor | None:
+        """The step-t mask `mask` (from `allowed`, same state) narrowed to a condition's values
+        (`narrowing`), or None where the condition does not touch position t."""
+        s = self.slots[t]
+        a = narrowing.get(s.column)
+        if a is None:
+            return None
+        if s.kind == "cat":
+            return mask & a
+        lo, hi, null_ok = a
+        lo = torch.clamp(state["lo"], min=lo)
+        hi = torch.clamp(state["hi"], max=hi)
+        out = mask.clone()
+        ok = self._chunks_ok(t, state["prefix"], lo, hi)
+        out[:, self.chunk0:self.chunk0 + BASE] &= ok
+        if s.chunk == 0 and not null_ok:
+            out[:, NULL] = False
+        return out
+
+    @staticmethod
+    def select_rows(state: dict, idx: torch.Tensor) -> dict:
+        """The decoding state of rows `idx` (a resampling of the batch, see DomainDecoder.generate)."""
+        def pick(v):
+            if isinstance(v, dict):
+                return {k: pick(x) for k, x in v.items()}
+            return None if v is None else v[idx]
+        return {k: pick(v) for k, v in state.items()}
 
     def advance(self, t: int, state: dict, tokens: torch.Tensor) -> dict:
         s = self.slots[t]
