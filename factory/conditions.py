@@ -9,9 +9,10 @@ checked once, before anything is stored:
 and a condition met by fewer than `LOW_SUPPORT` of the train rows gets a warning.
 
 How a run uses it (data flow stays one-way):
-- a generator that can condition (`conditional = True`) receives the `Condition` and draws
-  the referenced columns' values from the real train rows that meet it (their real joint),
-  forcing the categorical ones in its decoder and conditioning its latent on them;
+- a generator that can condition (`conditional = True`) receives the `Condition`: DiffLM
+  narrows its decoder to the values the real train rows meeting it take (`allowed_values`)
+  and resamples its batch toward the condition (DomainDecoder.generate), and conditions its
+  latent on values drawn from those rows (their real joint); the baseline copies drawn values;
 - the loop's judge step checks it last, on every rule-valid record: a record that does not
   meet it is rejected with stage 'condition' (rejection is the last step, not the method);
 - the gate compares the run with the real train rows that meet it (`gate_reference`).
@@ -78,7 +79,7 @@ class Condition:
                 out[name] = set(s.unique().to_list())
             else:
                 v = s.drop_nulls().cast(pl.Float64)
-                out[name] = (v.min(), v.max(), s.null_count() > 0) if len(v) else (0.0, 0.0, True)
+                out[name] = (v.min(), v.max(), s.null_count() > 0) if len(v) else (1.0, 0.0, True)  # null only
         return out
 
     def settings(self) -> dict:

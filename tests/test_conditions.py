@@ -356,3 +356,8 @@ def test_numeric_narrowing_keeps_values_inside_the_interval(finance):
     got = tok.decode(dec.generate(None, tok, torch.Generator().manual_seed(4), batch=300, narrowing=narrowing))
     income = got["annual_income"]
     assert income.null_count() == 0 and income.min() >= 123456.78 and income.max() <= 150000.0
+    # no value at all (the real rows meeting a condition have only nulls there): null only
+    got = tok.decode(dec.generate(None, tok, torch.Generator().manual_seed(5), batch=100,
+                                  narrowing=tok.narrowing({"application_type": {"individual"},
+                                                          "annual_income_joint": (1.0, 0.0, True)})))
+    assert got["annual_income_joint"].null_count() == 100

@@ -450,7 +450,7 @@ class SchemaTokenizer:
         lo = torch.clamp(state["lo"], min=lo)
         hi = torch.clamp(state["hi"], max=hi)
         out = mask.clone()
-        ok = self._chunks_ok(t, state["prefix"], lo, hi)
+        ok = self._chunks_ok(t, state["prefix"], lo, hi) & (lo <= hi)[:, None]  # an empty interval: no number
         out[:, self.chunk0:self.chunk0 + BASE] &= ok
         if s.chunk == 0 and not null_ok:
             out[:, NULL] = False
