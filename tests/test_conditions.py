@@ -361,3 +361,13 @@ def test_numeric_narrowing_keeps_values_inside_the_interval(finance):
                                   narrowing=tok.narrowing({"application_type": {"individual"},
                                                           "annual_income_joint": (1.0, 0.0, True)})))
     assert got["annual_income_joint"].null_count() == 100
+
+
+@pytest.mark.parametrize("opts, fragment", [({"conditioning": "magic"}, "conditioning must be one of resample, force"),
+                                            ({"particles": 0}, "particles must be a positive integer"),
+                                            ({"particles": True}, "particles must be a positive integer")])
+def test_bad_conditioning_options_are_one_line_model_errors(finance, opts, fragment):
+    from factory.difflm.pipeline import DiffLMGenerator, ModelError
+
+    with pytest.raises(ModelError, match=fragment):
+        DiffLMGenerator.from_pretrained(finance.model_dir, finance, **opts)
