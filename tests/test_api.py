@@ -54,3 +54,16 @@ def test_generate_with_a_condition_like_the_cli():
     assert run.records.height == 60 and (run.records["width"] > 8).all()
     assert run.store.run_settings(run.run_id)["where"] == "width > 8"
     run.close()
+
+
+def test_generation_does_not_import_the_evaluation_module():
+    """The privacy filter's distances live in factory.checks.distance: a run with every gate on loads
+    neither factory.evaluate nor SDMetrics/XGBoost (fresh interpreter, so other tests cannot hide it)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, factory; factory.generate('finance', 200, model='baseline', allow_drift=True); "
+            "print(sorted(m for m in ('factory.evaluate', 'sdmetrics', 'xgboost') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip().splitlines()[-1] == "[]"

@@ -13,7 +13,7 @@ from factory.checks.distribution import (Reference, coverage_bound, distribution
                                          quantile_bound, tvd_bound)
 from factory.checks.gate import evaluate_run, gate_config
 from factory.checks.privacy import PrivacyFilter
-from factory.evaluate import exact_copies
+from factory.checks.distance import exact_copies
 from factory.export import export_run, manifest_path
 from factory.loop import run_generation
 from factory.store import Store

@@ -59,7 +59,7 @@ def calibrate(domain, cfg: GateConfig | None = None, margin: float = MARGIN,
               near_copy_factor: float = NEAR_COPY_FACTOR) -> dict:
     """The domain's gates block: settings of `cfg`, calibrated thresholds, and the test
     split's own statistics (for the record)."""
-    from factory.evaluate import dcr
+    from factory.checks.distance import dcr
 
     cfg = cfg or GateConfig()
     train, test = domain.load_split("train"), domain.load_split(REFERENCE)

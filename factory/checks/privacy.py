@@ -5,12 +5,12 @@ is rejected like a rule failure (stage 'privacy'), so the loop tops up and the r
 accounting (attempted = accepted + rejected) stays exact.
 
 - `exact_copy`: equal to a training row on every column (numerics at the spec's decimals,
-  nulls equal to nulls; factory.evaluate.exact_copy_mask). The training rows are taken as
+  nulls equal to nulls; factory.checks.distance.exact_copy_mask). The training rows are taken as
   the factory would write them: generated columns as they are, derived columns recomputed
   by the domain (a real row's stored installment can differ from the recomputed one by a
   cent, which must not hide a copy of its generated columns).
 - `near_copy`: not an exact copy, but its DCR (distance to the closest training record,
-  factory.evaluate.dcr / DCRIndex: mean per-column distance, numerics min-max scaled) is below
+  factory.checks.distance.dcr / DCRIndex: mean per-column distance, numerics min-max scaled) is below
   gates.privacy.near_copy_dcr. Calibrated as 0.5 x the 1st percentile of the DCR of the
   real test split to train (calibrate.py): a threshold that fresh real records
   essentially never fall below (finance: none of the 1,001 test or 999 val rows).
@@ -24,7 +24,7 @@ import numpy as np
 import polars as pl
 
 from factory.checks.gate import gate_config
-from factory.evaluate import DCRIndex, exact_copy_mask
+from factory.checks.distance import DCRIndex, exact_copy_mask
 from schemas.columns import TableSpec
 
 RULES = ("exact_copy", "near_copy")
