@@ -33,7 +33,7 @@ import polars as pl
 if TYPE_CHECKING:
     import pandas as pd
 
-from factory.checks.distance import DCRIndex, dcr, exact_copies, exact_copy_mask  # noqa: F401 (re-exported)
+from factory.checks.distance import dcr, exact_copies
 from schemas.columns import NULL_TEXT, Categorical, Numeric, TableSpec
 
 # Pair trends scales with the number of rows of both frames (406 pairs for 29 columns).

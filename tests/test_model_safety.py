@@ -129,6 +129,19 @@ def test_bad_stack_files_are_one_line(stack, tmp_path, rel, content, message):
     assert message in line, line
 
 
+@pytest.mark.parametrize("rel, content, message", [
+    ("conditional/injector/injector_config.json", {"cond_dim": 0}, "field cond_dim must be >= 1, got 0"),
+    ("conditional/denoiser/denoiser_config.json", {"cond_sizes": 5}, "field cond_sizes must be a list, got 5"),
+], ids=["cond-dim", "cond-sizes"])
+def test_bad_conditional_stage_files_are_one_line(stack, tmp_path, rel, content, message):
+    """The conditional stage's configs go through the same checks as the base stack's (Pretrained)."""
+    path = stack / rel
+    path.write_text(json.dumps({**json.loads(path.read_text()), **content}))
+    line = last_error(invoke("generate", "-d", "finance", "-n", 5, "--model-dir", stack, "--where", "term = 60",
+                             "--db", tmp_path / "g.duckdb", "-q"))
+    assert message in line, line
+
+
 def test_a_stack_is_committed_whole_and_checked_on_load(stack, tmp_path, finance):
     info = json.loads((stack / "pipeline.json").read_text())
     info["files"] = stack_manifest(stack)

@@ -75,6 +75,11 @@ def check_fields(cls, raw: dict, where: str, ranges: dict | None = None, skip: t
                 bad = "must be a finite number"
         elif isinstance(default, str):
             bad = None if isinstance(value, str) else "must be a string"
+        elif isinstance(default, tuple):  # JSON has lists; the dataclass keeps tuples
+            if isinstance(value, list):
+                raw = {**raw, name: tuple(value)}
+            elif not isinstance(value, tuple):
+                bad = "must be a list"
         if bad is None and name in ranges:
             ok, text = ranges[name]
             if not ok(value):
@@ -89,3 +94,43 @@ def check_fields(cls, raw: dict, where: str, ranges: dict | None = None, skip: t
 
 
 POSITIVE = (lambda v: v >= 1, ">= 1")
+
+
+class Pretrained:
+    """`save_pretrained(path)` / `from_pretrained(path)` for a stack component: its config
+    dataclass as `config_file` (read back through `load_config`, so a bad field is one ModelError
+    line) and, for a module, its weights as `weights_file` (safetensors), as diffusers'
+    ConfigMixin/ModelMixin do. A component sets `config_class`, `config_ranges`, the two file
+    names, and overrides `_state`/`_load_state` when it saves only part of its weights."""
+
+    config_class: type
+    config_ranges: dict | None = None
+    config_file: str
+    weights_file: str | None = None  # None: the config is the whole component (a sampler's settings)
+
+    def _state(self) -> dict:
+        return {k: v.contiguous() for k, v in self.state_dict().items()}
+
+    def _load_state(self, state: dict, path: Path) -> None:
+        self.load_state_dict(state)
+
+    def save_pretrained(self, path: str | Path) -> None:
+        from dataclasses import asdict
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        (path / self.config_file).write_text(json.dumps(asdict(self.cfg), indent=1))
+        if self.weights_file is not None:
+            from safetensors.torch import save_file
+
+            save_file(self._state(), str(path / self.weights_file))
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path):
+        path = Path(path)
+        component = cls(load_config(cls.config_class, path / cls.config_file, cls.config_ranges))
+        if cls.weights_file is not None:
+            from safetensors.torch import load_file
+
+            component._load_state(load_file(str(path / cls.weights_file)), path)
+        return component

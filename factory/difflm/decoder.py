@@ -10,9 +10,8 @@ Its weights stay frozen while the VAE trains; only the soft prompt steers it.
 """
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -20,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
 
-from .config import POSITIVE, load_config
+from .config import POSITIVE, Pretrained
 from .tokenizer import BOS, SchemaTokenizer
 
 
@@ -63,7 +62,10 @@ class FrozenLM(nn.Module):
         return self.lm.get_input_embeddings()(ids)
 
 
-class DomainDecoder(FrozenLM):
+class DomainDecoder(Pretrained, FrozenLM):
+    config_class, config_ranges = DecoderConfig, DECODER_RANGES
+    config_file, weights_file = "decoder_config.json", "decoder.safetensors"
+
     def __init__(self, cfg: DecoderConfig):
         super().__init__()
         self.cfg = cfg
@@ -213,29 +215,16 @@ class DomainDecoder(FrozenLM):
         self.precision = precision
         return self.to(getattr(torch, precision))
 
-    def save_pretrained(self, path: str | Path):
-        from safetensors.torch import save_file
+    def _state(self) -> dict:  # the LM head is tied to the embeddings: saved once
+        return {k: v.contiguous() for k, v in self.state_dict().items() if k != "lm.lm_head.weight"}
 
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        (path / "decoder_config.json").write_text(json.dumps(asdict(self.cfg), indent=1))
-        state = {k: v.contiguous() for k, v in self.state_dict().items() if k != "lm.lm_head.weight"}
-        save_file(state, str(path / "decoder.safetensors"))
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path) -> "DomainDecoder":
-        from safetensors.torch import load_file
-
-        path = Path(path)
-        cfg = load_config(DecoderConfig, path / "decoder_config.json", DECODER_RANGES)
-        model = cls(cfg)
-        missing, unexpected = model.load_state_dict(load_file(str(path / "decoder.safetensors")), strict=False)
+    def _load_state(self, state: dict, path: Path) -> None:
+        missing, unexpected = self.load_state_dict(state, strict=False)
         missing = [m for m in missing if m != "lm.lm_head.weight"]
         if missing or unexpected:
             raise ValueError(f"{path}/decoder.safetensors does not match its config: missing {missing[:3]}, "
                              f"unexpected {unexpected[:3]}")
-        model.lm.tie_weights()
-        return model
+        self.lm.tie_weights()
 
 
 def systematic_resample(logw: torch.Tensor, generator: torch.Generator, n: int | None = None) -> torch.Tensor:

@@ -6,15 +6,13 @@ the Heun sampler. Each has its own config and save/load.
 """
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .config import POSITIVE, load_config
+from .config import POSITIVE, Pretrained
 
 
 @dataclass
@@ -28,6 +26,10 @@ class DenoiserConfig:
     p_std: float = 1.2
 
 
+DENOISER_RANGES = {**{k: POSITIVE for k in ("latent_dim", "hidden", "blocks", "emb_dim")},
+                   "sigma_data": (lambda v: v > 0, "> 0"), "p_std": (lambda v: v > 0, "> 0")}
+
+
 class _Block(nn.Module):
     def __init__(self, hidden: int, emb_dim: int):
         super().__init__()
@@ -39,7 +41,10 @@ class _Block(nn.Module):
         return h + self.mlp(self.norm(h) + self.emb(emb))
 
 
-class Denoiser(nn.Module):
+class Denoiser(Pretrained, nn.Module):
+    config_class, config_ranges = DenoiserConfig, DENOISER_RANGES
+    config_file, weights_file = "denoiser_config.json", "denoiser.safetensors"
+
     def __init__(self, cfg: DenoiserConfig):
         super().__init__()
         self.cfg = cfg
@@ -80,20 +85,6 @@ class Denoiser(nn.Module):
         noisy = x0 + torch.randn(x0.shape, generator=generator, device=dev).to(x0.device) * sigma[:, None]
         return (weight[:, None] * (self(noisy, sigma, **cond) - x0) ** 2).mean()
 
-    def save_pretrained(self, path: str | Path):
-        from safetensors.torch import save_file
-
-        Path(path).mkdir(parents=True, exist_ok=True)
-        (Path(path) / "denoiser_config.json").write_text(json.dumps(asdict(self.cfg), indent=1))
-        save_file(self.state_dict(), str(Path(path) / "denoiser.safetensors"))
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path) -> "Denoiser":
-        from safetensors.torch import load_file
-
-        m = cls(load_config(DenoiserConfig, Path(path) / "denoiser_config.json", DENOISER_RANGES))
-        m.load_state_dict(load_file(str(Path(path) / "denoiser.safetensors")))
-        return m
 
 
 SOLVERS = ("dpmpp_2m", "heun")
@@ -115,14 +106,14 @@ class SamplerConfig:
 SAMPLER_RANGES = {"steps": POSITIVE, "sigma_min": (lambda v: v > 0, "> 0"), "rho": (lambda v: v > 0, "> 0"),
                   "solver": (lambda v: v in SOLVERS, f"one of {', '.join(SOLVERS)}"),
                   "__all__": (lambda c: c.sigma_max > c.sigma_min, "sigma_max must be larger than sigma_min")}
-DENOISER_RANGES = {**{k: POSITIVE for k in ("latent_dim", "hidden", "blocks", "emb_dim")},
-                   "sigma_data": (lambda v: v > 0, "> 0"), "p_std": (lambda v: v > 0, "> 0")}
 
 
-class EDMSampler:
+class EDMSampler(Pretrained):
     """Karras sigma schedule, then a deterministic solver of the probability-flow ODE: DPM-Solver++(2M)
     (Lu et al. 2022, "DPM-Solver++", Algorithm 2, in the EDM parameterisation where the denoiser
     predicts x0) or Heun's 2nd-order method (Karras et al. 2022, EDM Algorithm 1)."""
+
+    config_class, config_ranges, config_file = SamplerConfig, SAMPLER_RANGES, "sampler_config.json"
 
     def __init__(self, cfg: SamplerConfig | None = None):
         self.cfg = cfg or SamplerConfig()
@@ -170,13 +161,6 @@ class EDMSampler:
             previous = d
         return x
 
-    def save_pretrained(self, path: str | Path):
-        Path(path).mkdir(parents=True, exist_ok=True)
-        (Path(path) / "sampler_config.json").write_text(json.dumps(asdict(self.cfg), indent=1))
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path) -> "EDMSampler":
-        return cls(load_config(SamplerConfig, Path(path) / "sampler_config.json", SAMPLER_RANGES))
 
 
 @dataclass
@@ -188,6 +172,8 @@ class ConditionalDenoiser(Denoiser):
     """D(x; sigma, c): the condition's column embeddings are added to the noise-level
     embedding. Trained with columns dropped at random (and c all absent), so one network
     gives p(z | c) and p(z), and `Guided` mixes them (classifier-free guidance)."""
+
+    config_class = ConditionalDenoiserConfig
 
     def __init__(self, cfg: ConditionalDenoiserConfig):
         super().__init__(cfg)
@@ -207,14 +193,6 @@ class ConditionalDenoiser(Denoiser):
             h = b(h, emb)
         return c_skip * x + c_out * self.out(h)
 
-    @classmethod
-    def from_pretrained(cls, path: str | Path) -> "ConditionalDenoiser":
-        from safetensors.torch import load_file
-
-        cfg = json.loads((Path(path) / "denoiser_config.json").read_text())
-        m = cls(ConditionalDenoiserConfig(**{**cfg, "cond_sizes": tuple(cfg["cond_sizes"])}))
-        m.load_state_dict(load_file(str(Path(path) / "denoiser.safetensors")))
-        return m
 
 
 class Guided:

@@ -11,14 +11,13 @@ keys are implied by position, which cuts the input from ~196 to ~50 word pieces.
 """
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .config import POSITIVE, load_config
+from .config import POSITIVE, Pretrained
 
 
 def default_encoder_dir() -> str:
@@ -37,7 +36,11 @@ class EncoderConfig:
     max_length: int = 64  # finance values text is <= 60 word pieces
 
 
-class RecordEncoder(nn.Module):
+class RecordEncoder(Pretrained, nn.Module):
+    config_class = EncoderConfig
+    config_ranges = {k: POSITIVE for k in ("lora_layers", "lora_r", "latent_dim", "max_length")}
+    config_file, weights_file = "encoder_config.json", "encoder_adapter.safetensors"
+
     def __init__(self, cfg: EncoderConfig):
         super().__init__()
         from peft import LoraConfig, get_peft_model
@@ -115,27 +118,14 @@ class RecordEncoder(nn.Module):
         state |= {f"head.{k}": v for k, v in self.head.state_dict().items()}
         return state
 
-    def save_pretrained(self, path: str | Path):
-        """Saves the LoRA adapter and the pooling head only (never a copy of the base encoder)."""
-        from safetensors.torch import save_file
+    def _state(self) -> dict:  # the LoRA adapter and the pooling head only, never a copy of the base encoder
+        return {k: v.contiguous() for k, v in self.trainable_state().items()}
 
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        (path / "encoder_config.json").write_text(json.dumps(asdict(self.cfg), indent=1))
-        save_file({k: v.contiguous() for k, v in self.trainable_state().items()}, str(path / "encoder_adapter.safetensors"))
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path) -> "RecordEncoder":
+    def _load_state(self, state: dict, path: Path) -> None:
         from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
 
-        path = Path(path)
-        enc = cls(load_config(EncoderConfig, path / "encoder_config.json",
-                              {k: POSITIVE for k in ("lora_layers", "lora_r", "latent_dim", "max_length")}))
-        state = load_file(str(path / "encoder_adapter.safetensors"))
-        set_peft_model_state_dict(enc.model, {k[5:]: v for k, v in state.items() if k.startswith("lora.")})
-        enc.head.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("head.")})
-        return enc
+        set_peft_model_state_dict(self.model, {k[5:]: v for k, v in state.items() if k.startswith("lora.")})
+        self.head.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("head.")})
 
 
 def values_text(record: dict, spec, columns: list[str]) -> str:

@@ -1,14 +1,12 @@
 """Latent feature injector: MLP from z to k soft-prompt vectors in the decoder's embedding space."""
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .config import POSITIVE, load_config
+from .config import POSITIVE, Pretrained
 
 
 @dataclass
@@ -19,7 +17,13 @@ class InjectorConfig:
     embed_dim: int = 192
 
 
-class SoftPromptInjector(nn.Module):
+INJECTOR_RANGES = {k: POSITIVE for k in ("latent_dim", "hidden", "prompt_len", "embed_dim")}
+
+
+class SoftPromptInjector(Pretrained, nn.Module):
+    config_class, config_ranges = InjectorConfig, INJECTOR_RANGES
+    config_file, weights_file = "injector_config.json", "injector.safetensors"
+
     def __init__(self, cfg: InjectorConfig, null_prompt: torch.Tensor | None = None):
         super().__init__()
         self.cfg = cfg
@@ -33,21 +37,6 @@ class SoftPromptInjector(nn.Module):
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.net(z).view(z.shape[0], self.cfg.prompt_len, self.cfg.embed_dim)
 
-    def save_pretrained(self, path: str | Path):
-        from safetensors.torch import save_file
-
-        Path(path).mkdir(parents=True, exist_ok=True)
-        (Path(path) / "injector_config.json").write_text(json.dumps(asdict(self.cfg), indent=1))
-        save_file(self.state_dict(), str(Path(path) / "injector.safetensors"))
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path) -> "SoftPromptInjector":
-        from safetensors.torch import load_file
-
-        inj = cls(load_config(InjectorConfig, Path(path) / "injector_config.json",
-                              {k: POSITIVE for k in ("latent_dim", "hidden", "prompt_len", "embed_dim")}))
-        inj.load_state_dict(load_file(str(Path(path) / "injector.safetensors")))
-        return inj
 
 
 @dataclass
@@ -56,12 +45,16 @@ class ConditionalInjectorConfig(InjectorConfig):
     cond_dim: int = 64
 
 
-class ConditionalInjector(nn.Module):
+class ConditionalInjector(Pretrained, nn.Module):
     """injector(z, c): the soft prompt from z and an embedding of condition column values c
     (one id per column, 0 = absent, whose embedding is zero: c all absent = unconditional).
 
     `from_base` starts it as a trained `SoftPromptInjector` (c's input weights zero), so
     training begins at the unconditional stack and learns what c adds."""
+
+    config_class = ConditionalInjectorConfig
+    config_ranges = {**INJECTOR_RANGES, "cond_dim": POSITIVE}
+    config_file, weights_file = "injector_config.json", "injector.safetensors"
 
     def __init__(self, cfg: ConditionalInjectorConfig):
         super().__init__()
@@ -92,18 +85,3 @@ class ConditionalInjector(nn.Module):
         h = torch.cat([z, self.embed_condition(c).to(z.dtype)], -1)
         return self.net(h).view(z.shape[0], self.cfg.prompt_len, self.cfg.embed_dim)
 
-    def save_pretrained(self, path: str | Path):
-        from safetensors.torch import save_file
-
-        Path(path).mkdir(parents=True, exist_ok=True)
-        (Path(path) / "injector_config.json").write_text(json.dumps(asdict(self.cfg), indent=1))
-        save_file(self.state_dict(), str(Path(path) / "injector.safetensors"))
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path) -> "ConditionalInjector":
-        from safetensors.torch import load_file
-
-        cfg = json.loads((Path(path) / "injector_config.json").read_text())
-        inj = cls(ConditionalInjectorConfig(**{**cfg, "cond_sizes": tuple(cfg["cond_sizes"])}))
-        inj.load_state_dict(load_file(str(Path(path) / "injector.safetensors")))
-        return inj
