@@ -4,8 +4,10 @@ Every candidate is fitted on the real train split, samples `--n` rows of all col
 and is scored by `factory.evaluate` against the real splits (finance: 29 columns):
 
 - marginal:        each column (all 29) sampled independently from the train split's empirical marginal
-- factory_baseline: factory.baseline.MarginalBaseline (generated columns only, independent
-  marginals) completed by DOMAIN.complete, i.e. derived columns by formula (if importable)
+- factory:         `factory.generate` with the domain's shipped DiffLM stack (the loop the CLI runs:
+  rules, privacy filter; the gate is recorded, not enforced); its seconds are the whole call
+- factory_baseline: `factory.generate(model="baseline")`: independent marginals of the generated
+  columns, derived columns by formula, then the same loop (every row passes every rule)
 - shuffled_train:  the real train split with every column permuted independently
 - gaussian_copula, ctgan, tvae: SDV 2.x single-table synthesizers with hand-fixed metadata.
   They also generate the derived columns (grade, installment, paid_total, balance); their raw
@@ -172,10 +174,7 @@ def preload():
     import sdv.single_table  # noqa: F401
     import torch  # noqa: F401
     import xgboost  # noqa: F401
-    try:
-        import factory.baseline  # noqa: F401
-    except ImportError:
-        pass
+    import factory.api  # noqa: F401
 
 
 def git_commit() -> str:
@@ -246,23 +245,18 @@ def run(args) -> dict:
             frame = sample_marginals(train, args.n, args.seed)
             record(name, frame, 0.0, time.perf_counter() - t,
                    "local: each column sampled independently from the train split's empirical marginal")
-        elif name == "factory_baseline":
-            try:
-                from factory.baseline import MarginalBaseline
-            except ImportError as e:
-                print(f"[{name}] skipped: {e}", flush=True)
-                continue
+        elif name in ("factory", "factory_baseline"):
+            import factory
+
             t = time.perf_counter()
-            base = MarginalBaseline.fit(DOMAIN)
-            fit_s = time.perf_counter() - t
-            t = time.perf_counter()
-            texts = base.generate(args.n, args.seed)
-            gen, _, errors = DOMAIN.serializer.parse_many(texts, spec.generated_names)
-            frame = DOMAIN.complete(gen)
+            run = factory.generate(DOMAIN, args.n, seed=args.seed, allow_drift=True,
+                                   model="baseline" if name == "factory_baseline" else None)
             sample_s = time.perf_counter() - t
-            record(name, frame, fit_s, sample_s,
-                   "factory.baseline.MarginalBaseline: independent marginals of the generated columns, "
-                   f"derived columns by formula ({len(errors)} unparsable rows dropped)")
+            res = run.result
+            record(name, run.records, None, sample_s,
+                   f"factory.generate ({'baseline' if name == 'factory_baseline' else 'DiffLM stack'}): "
+                   f"{res.attempted / res.accepted:.2f} attempts per record, gate {res.gate.status if res.gate else 'off'}")
+            run.close()
         elif name == "shuffled_train":
             record(name, shuffle_columns(train, args.seed), None, None,
                    f"real train split ({train.height} rows), every column permuted independently")
@@ -382,7 +376,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2, help="torch threads")
     p.add_argument("--models", nargs="+",
-                   default=["marginal", "factory_baseline", "shuffled_train", "gaussian_copula", "ctgan", "tvae", "real_val", "real_test"])
+                   default=["factory", "marginal", "factory_baseline", "shuffled_train", "gaussian_copula", "ctgan", "tvae", "real_val", "real_test"])
     p.add_argument("--quick", action="store_true", help="smoke test: 2 epochs, 1,000 rows, 50 trees")
     p.add_argument("--out", type=Path, default=ROOT / "reports" / "benchmarks")
     p.add_argument("--domain", default="finance", help="domain to benchmark (default finance)")
