@@ -349,46 +349,61 @@ class Trainer:
         return enc.eval(), inj.eval(), cache
 
     # ---- stage 3 --------------------------------------------------------------------
-    def train_diffusion(self, enc: RecordEncoder, cache: dict, resume: bool):
-        cfg = self.cfg
+    def _latent_targets(self, enc: RecordEncoder, cache: dict):
+        """The train rows' posterior means, standardized per dimension (what the denoiser learns), and
+        the mean and std that undo it at sampling time."""
         with torch.no_grad():
             h, m = cache["train"]
             mus = torch.cat([enc.forward_top(h[i:i + 256].to(self.device).float(), m[i:i + 256].to(self.device))[0]
                              for i in range(0, len(h), 256)])
         mean, std = mus.mean(0), mus.std(0).clamp(min=1e-6)
-        x = (mus - mean) / std
-        torch.manual_seed(cfg.seed + 3)
-        den = Denoiser(cfg.denoiser).to(self.device)
+        return (mus - mean) / std, mean, std
+
+    def _fit_denoiser(self, den, x: torch.Tensor, stage: str, label: str, batch_loss, resume: bool,
+                      budget: bool = False) -> None:
+        """The denoiser's training loop: AdamW + cosine schedule over `diffusion_steps` batches of
+        latents; `batch_loss(idx, g)` is the loss of the rows `idx`. A checkpoint every 500 steps
+        (`stage`), and with `budget` a stop once past the time budget (after `min_diffusion_steps`)."""
+        cfg = self.cfg
         opt = torch.optim.AdamW(den.parameters(), lr=cfg.diffusion_lr)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.diffusion_steps)
         g = torch.Generator().manual_seed(cfg.seed + 4)
-        start = 0
-        if (ck := self._load_ckpt("diffusion", resume)) is not None:
+        start, run = 0, 0.0
+        if (ck := self._load_ckpt(stage, resume)) is not None:
             den.load_state_dict(ck["model"]), opt.load_state_dict(ck["opt"]), sched.load_state_dict(ck["sched"])
             g.set_state(ck["rng"])
             start = ck["step"]
-        run = 0.0
         for step in range(start, cfg.diffusion_steps):
             idx = torch.randint(len(x), (cfg.diffusion_batch,), generator=g)
-            loss = den.loss(x[idx.to(self.device)], g)
+            loss = batch_loss(idx, g)
             opt.zero_grad()
             loss.backward()
             opt.step(), sched.step()
             run = 0.98 * run + 0.02 * loss.item() if step > start else loss.item()
-            self.progress("diffusion", step + 1, cfg.diffusion_steps)
+            self.progress(label, step + 1, cfg.diffusion_steps)
             if (step + 1) % 500 == 0 or step + 1 == cfg.diffusion_steps:
-                self.log({"stage": "diffusion", "step": step + 1, "loss": run})
-                self._save_ckpt("diffusion", {"model": den.state_dict(), "opt": opt.state_dict(),
-                                              "sched": sched.state_dict(), "rng": g.get_state(), "step": step + 1})
-            if ((step + 1) % 100 == 0 and cfg.min_diffusion_steps <= step + 1 < cfg.diffusion_steps
-                    and self.over_budget("diffusion")):
-                self.log({"stage": "diffusion", "step": step + 1, "loss": run})
+                self.log({"stage": stage, "step": step + 1, "loss": run})
+                self._save_ckpt(stage, {"model": den.state_dict(), "opt": opt.state_dict(),
+                                        "sched": sched.state_dict(), "rng": g.get_state(), "step": step + 1})
+            if (budget and (step + 1) % 100 == 0 and cfg.min_diffusion_steps <= step + 1 < cfg.diffusion_steps
+                    and self.over_budget(stage)):
+                self.log({"stage": stage, "step": step + 1, "loss": run})
                 break
-        den.save_pretrained(self.out / "denoiser")
-        EDMSampler(cfg.sampler).save_pretrained(self.out / "denoiser")
+
+    def _save_denoiser(self, den, sampler: EDMSampler, mean: torch.Tensor, std: torch.Tensor) -> None:
         from safetensors.torch import save_file
 
+        den.save_pretrained(self.out / "denoiser")
+        sampler.save_pretrained(self.out / "denoiser")
         save_file({"mean": mean.cpu(), "std": std.cpu()}, str(self.out / "denoiser" / "latent_stats.safetensors"))
+
+    def train_diffusion(self, enc: RecordEncoder, cache: dict, resume: bool):
+        x, mean, std = self._latent_targets(enc, cache)
+        torch.manual_seed(self.cfg.seed + 3)
+        den = Denoiser(self.cfg.denoiser).to(self.device)
+        self._fit_denoiser(den, x, "diffusion", "diffusion", lambda idx, g: den.loss(x[idx.to(self.device)], g),
+                           resume, budget=True)
+        self._save_denoiser(den, EDMSampler(self.cfg.sampler), mean, std)
         return den
 
     # ---- all ------------------------------------------------------------------------
@@ -539,8 +554,12 @@ class ConditionalTrainer:
         self.c = {k: self.codec.encode(v) for k, v in records.items()}
         self.t0 = time.time()
 
+    device = torch.device("cpu")
     log = Trainer.log
     _save_ckpt = Trainer._save_ckpt
+    _latent_targets = Trainer._latent_targets
+    _fit_denoiser = Trainer._fit_denoiser
+    _save_denoiser = Trainer._save_denoiser
     _load_ckpt = Trainer._load_ckpt
     _texts = Trainer._texts
     _cache_bottom = Trainer._cache_bottom
@@ -649,39 +668,14 @@ class ConditionalTrainer:
 
         cfg = self.cfg
         base_cfg = Denoiser.from_pretrained(self.base / "denoiser").cfg
-        with torch.no_grad():
-            h, m = cache["train"]
-            mus = torch.cat([enc.forward_top(h[i:i + 256].float(), m[i:i + 256])[0] for i in range(0, len(h), 256)])
-        mean, std = mus.mean(0), mus.std(0).clamp(min=1e-6)
-        x = (mus - mean) / std
+        x, mean, std = self._latent_targets(enc, cache)
         torch.manual_seed(cfg.seed + 3)
         den = ConditionalDenoiser(ConditionalDenoiserConfig(**asdict(base_cfg), cond_sizes=tuple(self.codec.sizes)))
-        opt = torch.optim.AdamW(den.parameters(), lr=cfg.diffusion_lr)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.diffusion_steps)
-        g = torch.Generator().manual_seed(cfg.seed + 4)
         c_tr = self.c["train"]
-        start, run = 0, 0.0
-        if (ck := self._load_ckpt("cdiffusion", resume)) is not None:
-            den.load_state_dict(ck["model"]), opt.load_state_dict(ck["opt"]), sched.load_state_dict(ck["sched"])
-            g.set_state(ck["rng"])
-            start = ck["step"]
-        for step in range(start, cfg.diffusion_steps):
-            idx = torch.randint(len(x), (cfg.diffusion_batch,), generator=g)
-            loss = den.loss(x[idx], g, c=column_dropout(c_tr[idx], g, cfg.p_empty, cfg.max_keep))
-            opt.zero_grad()
-            loss.backward()
-            opt.step(), sched.step()
-            run = 0.98 * run + 0.02 * loss.item() if step > start else loss.item()
-            self.progress("conditional diffusion", step + 1, cfg.diffusion_steps)
-            if (step + 1) % 500 == 0 or step + 1 == cfg.diffusion_steps:
-                self.log({"stage": "cdiffusion", "step": step + 1, "loss": run})
-                self._save_ckpt("cdiffusion", {"model": den.state_dict(), "opt": opt.state_dict(),
-                                               "sched": sched.state_dict(), "rng": g.get_state(), "step": step + 1})
-        den.save_pretrained(self.out / "denoiser")
-        EDMSampler.from_pretrained(self.base / "denoiser").save_pretrained(self.out / "denoiser")
-        from safetensors.torch import save_file
-
-        save_file({"mean": mean, "std": std}, str(self.out / "denoiser" / "latent_stats.safetensors"))
+        self._fit_denoiser(den, x, "cdiffusion", "conditional diffusion",
+                           lambda idx, g: den.loss(x[idx], g, c=column_dropout(c_tr[idx], g, cfg.p_empty, cfg.max_keep)),
+                           resume)
+        self._save_denoiser(den, EDMSampler.from_pretrained(self.base / "denoiser"), mean, std)
         return den
 
     def run(self, resume: bool = False) -> dict:
