@@ -608,7 +608,7 @@ def init_cmd(name: str = typer.Argument(..., help="name of the new domain (lette
 if importlib.util.find_spec("factory.train_cli") is not None:
     from factory.train_cli import register
 
-    register(app)
+    register(app, fail, user_errors)
 
 
 if __name__ == "__main__":

@@ -147,7 +147,10 @@ def train(domain: str, config: Path | None, out: Path | None, resume: bool, db: 
     return summary, time.time() - t
 
 
-def register(app: typer.Typer):
+def register(app: typer.Typer, fail, user_errors):
+    """Add `train` to `app`; `fail` and `user_errors` are the CLI's one-line error helpers (passed in,
+    so this module never imports factory.cli back)."""
+
     @app.command("train")
     def train_cmd(
         domain: str = typer.Option(..., "--domain", "-d", help="domain to train"),
@@ -168,7 +171,6 @@ def register(app: typer.Typer):
 
         The stack is built in a staging folder beside --out (.<name>.training, with its
         checkpoints) and renamed into place whole at the end; --resume continues that folder."""
-        from factory.cli import fail, user_errors
         from factory.difflm.config import ModelError
         from factory.difflm.device import DeviceError
         from factory.domain import DomainError
