@@ -1,14 +1,11 @@
 import os
-from pathlib import Path
 
 import pytest
 
-TESTS = Path(__file__).resolve().parent
-TOY_DOMAINS = TESTS / "domains"
+from helpers import domains_path
 
-# The test-only `toy` domain is found the way any external domain is: FACTORY_DOMAINS_PATH.
-os.environ["FACTORY_DOMAINS_PATH"] = os.pathsep.join(
-    p for p in [str(TOY_DOMAINS), os.environ.get("FACTORY_DOMAINS_PATH", "")] if p)
+# The test-only `toy` domain (helpers.TOY_DOMAINS) is found the way any external domain is: FACTORY_DOMAINS_PATH.
+os.environ["FACTORY_DOMAINS_PATH"] = domains_path()
 
 from factory.domain import load_domain  # noqa: E402
 from factory.store import Store  # noqa: E402

@@ -10,21 +10,7 @@ from typer.testing import CliRunner
 
 from factory.cli import app
 from factory.store import Store
-
-runner = CliRunner()
-
-
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def assert_user_error(result, *fragments, code=2):
-    assert result.exit_code == code, result.output
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
-    assert "Traceback" not in result.output
-    for f in fragments:
-        assert f in lines[0], lines[0]
+from helpers import assert_one_line_error, invoke
 
 
 @pytest.fixture
@@ -104,32 +90,32 @@ def test_same_seed_same_file(tmp_path, db):
 # ---- user mistakes: one red line, exit 2, no traceback ----------------------------------------
 def test_generate_mistakes(tmp_path, db):
     base = ["generate", "-d", "toy", "--model", "baseline", "--db", db, "-q"]
-    assert_user_error(invoke("generate", "-d", "nope", "-n", 5), "unknown domain 'nope'", "finance", "toy")
-    assert_user_error(invoke(*base, "-n", 0), "-n must be a positive")
-    assert_user_error(invoke(*base, "-n", -3), "-n must be a positive")
-    assert_user_error(invoke(*base, "-n", 5, "--batch-size", 0), "--batch-size")
-    assert_user_error(invoke("generate", "-d", "toy", "-n", 5, "--model", "gpt", "--db", db), "unknown model 'gpt'")
-    assert_user_error(invoke(*base, "-n", 5, "--out", tmp_path / "no" / "x.csv"), "does not exist")
-    assert_user_error(invoke(*base, "-n", 5, "--out", tmp_path / "x.xlsx"), "unknown extension")
+    assert_one_line_error(invoke("generate", "-d", "nope", "-n", 5), "unknown domain 'nope'", "finance", "toy")
+    assert_one_line_error(invoke(*base, "-n", 0), "-n must be a positive")
+    assert_one_line_error(invoke(*base, "-n", -3), "-n must be a positive")
+    assert_one_line_error(invoke(*base, "-n", 5, "--batch-size", 0), "--batch-size")
+    assert_one_line_error(invoke("generate", "-d", "toy", "-n", 5, "--model", "gpt", "--db", db), "unknown model 'gpt'")
+    assert_one_line_error(invoke(*base, "-n", 5, "--out", tmp_path / "no" / "x.csv"), "does not exist")
+    assert_one_line_error(invoke(*base, "-n", 5, "--out", tmp_path / "x.xlsx"), "unknown extension")
     (tmp_path / "exists.csv").write_text("x")
-    assert_user_error(invoke(*base, "-n", 5, "--out", tmp_path / "exists.csv"), "--force")
+    assert_one_line_error(invoke(*base, "-n", 5, "--out", tmp_path / "exists.csv"), "--force")
     assert not db.exists()  # nothing ran
 
 
 def test_difflm_without_a_stack_is_a_clear_error(db, tmp_path):
     missing, empty = tmp_path / "nowhere", tmp_path / "empty"
     empty.mkdir()
-    assert_user_error(invoke("generate", "-d", "finance", "-n", 5, "--db", db, "--model-dir", missing),
-                      "no trained DiffLM stack at", "factory train --domain finance", "--model baseline")
-    assert_user_error(invoke("generate", "-d", "finance", "-n", 5, "--db", db, "--model-dir", empty),
-                      "missing", "factory train --domain finance", "--model baseline")
-    assert_user_error(invoke("generate", "-d", "toy", "-n", 5, "--db", db, "--model-dir", empty),
-                      "--model-dir applies to --model difflm only")
+    assert_one_line_error(invoke("generate", "-d", "finance", "-n", 5, "--db", db, "--model-dir", missing),
+                          "no trained DiffLM stack at", "factory train --domain finance", "--model baseline")
+    assert_one_line_error(invoke("generate", "-d", "finance", "-n", 5, "--db", db, "--model-dir", empty),
+                          "missing", "factory train --domain finance", "--model baseline")
+    assert_one_line_error(invoke("generate", "-d", "toy", "-n", 5, "--db", db, "--model-dir", empty),
+                          "--model-dir applies to --model difflm only")
 
 
 def test_attempt_budget_exit(db):
     r = invoke("generate", "-d", "toy", "-n", 1000, "--model", "baseline", "--max-attempts", 50, "--db", db, "-q")
-    assert_user_error(r, "accepted", "of 1,000", "kind_matches_area", code=1)
+    assert_one_line_error(r, "accepted", "of 1,000", "kind_matches_area", code=1)
     with Store(db, read_only=True) as s:
         assert s.runs()["status"].to_list() == ["failed"]
 
@@ -144,25 +130,25 @@ def test_bad_databases(tmp_path):
     con.close()
     for cmd in (["runs", "--db"], ["sql", "SELECT 1", "--db"],
                 ["generate", "-d", "toy", "-n", 3, "--model", "baseline", "-q", "--db"]):
-        assert_user_error(invoke(*cmd, junk), "not a valid DuckDB database")
-        assert_user_error(invoke(*cmd, old), "schema version 0")
-    assert_user_error(invoke("runs", "--db", tmp_path / "missing.duckdb"), "no database at")
+        assert_one_line_error(invoke(*cmd, junk), "not a valid DuckDB database")
+        assert_one_line_error(invoke(*cmd, old), "schema version 0")
+    assert_one_line_error(invoke("runs", "--db", tmp_path / "missing.duckdb"), "no database at")
 
 
 def test_validate_mistakes(tmp_path):
-    assert_user_error(invoke("validate", "-d", "toy", tmp_path / "missing.csv"), "no such file")
+    assert_one_line_error(invoke("validate", "-d", "toy", tmp_path / "missing.csv"), "no such file")
     path = tmp_path / "cols.csv"
     pl.DataFrame({"kind": ["small"], "width": [1], "bogus": [1]}).write_csv(path)
-    assert_user_error(invoke("validate", "-d", "toy", path), "missing columns: height, label, weight, area",
-                      "unexpected columns: bogus")
-    assert_user_error(invoke("validate", "-d", "nope", path), "unknown domain")
+    assert_one_line_error(invoke("validate", "-d", "toy", path), "missing columns: height, label, weight, area",
+                          "unexpected columns: bogus")
+    assert_one_line_error(invoke("validate", "-d", "nope", path), "unknown domain")
 
 
 def test_sql_is_read_only(tmp_path, db):
     assert invoke("generate", "-d", "toy", "-n", 5, "--model", "baseline", "--db", db, "-q").exit_code == 0
-    assert_user_error(invoke("sql", "DELETE FROM runs", "--db", db), "read-only")
-    assert_user_error(invoke("sql", "SELEC 1", "--db", db), "SQL error")
-    assert_user_error(invoke("rejections", "nope", "--db", db), "no run 'nope'")
+    assert_one_line_error(invoke("sql", "DELETE FROM runs", "--db", db), "read-only")
+    assert_one_line_error(invoke("sql", "SELEC 1", "--db", db), "SQL error")
+    assert_one_line_error(invoke("rejections", "nope", "--db", db), "no run 'nope'")
     with Store(db, read_only=True) as s:
         assert s.runs().height == 1
 
@@ -191,9 +177,9 @@ def test_evaluate_scores_a_run_and_writes_json(db, tmp_path):
     assert m["rule_validity"]["valid_rate"] == 1.0  # exported records pass every rule
     assert 0 < m["quality"]["column_shapes"] <= 1 and m["mle"] is None  # toy declares no MLE tasks
     assert m["privacy"]["exact_copies"] == 0
-    assert_user_error(invoke("evaluate", run_id, "--db", db, "--out", out), "--force")
-    assert_user_error(invoke("evaluate", run_id, "--db", db, "--out", tmp_path / "m.csv"), "use a .json file")
-    assert_user_error(invoke("evaluate", "no-such-run", "--db", db), "no run 'no-such-run'")
+    assert_one_line_error(invoke("evaluate", run_id, "--db", db, "--out", out), "--force")
+    assert_one_line_error(invoke("evaluate", run_id, "--db", db, "--out", tmp_path / "m.csv"), "use a .json file")
+    assert_one_line_error(invoke("evaluate", "no-such-run", "--db", db), "no run 'no-such-run'")
 
 
 def test_report_writes_a_self_contained_page_and_metrics(db, tmp_path):
@@ -209,11 +195,11 @@ def test_report_writes_a_self_contained_page_and_metrics(db, tmp_path):
     assert "http://" not in page and "https://" not in page  # nothing fetched from elsewhere
     m = json.loads((tmp_path / "rep" / "metrics.json").read_text())
     assert m["run_id"] == run_id and m["rule_validity"]["valid_rate"] == 1.0
-    assert_user_error(invoke("report", "no-such-run", "--db", db), "no run 'no-such-run'")
+    assert_one_line_error(invoke("report", "no-such-run", "--db", db), "no run 'no-such-run'")
 
 
 def test_help_keeps_bracketed_install_hint():
     # rich markup treats "[ray]" as a style tag and drops it unless escaped
-    r = runner.invoke(app, ["generate", "--help"], env={"COLUMNS": "200"})
+    r = CliRunner().invoke(app, ["generate", "--help"], env={"COLUMNS": "200"})
     assert r.exit_code == 0, r.output
     assert "factory[ray]" in r.output

@@ -4,16 +4,9 @@ import io
 import json
 
 import pytest
-from typer.testing import CliRunner
 
 from factory import __version__
-from factory.cli import app
-
-runner = CliRunner()
-
-
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
+from helpers import invoke
 
 
 @pytest.fixture(scope="module")

@@ -3,24 +3,16 @@
 The writer holds the DuckDB file only while it stores a batch (factory/store.py), so
 read-only Stores and `factory sql` get in between batches; each sees a consistent
 snapshot (records, rejections and counters of whole batches only)."""
-import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from factory.store import Store, StoreError
+from helpers import factory_popen
 
-TOY = str(Path(__file__).parent / "domains")
 pytestmark = pytest.mark.slow
-
-
-def cli(*args, cwd, **kw):
-    env = {**os.environ, "FACTORY_DOMAINS_PATH": TOY, "PYTHONWARNINGS": "ignore"}
-    return subprocess.Popen([sys.executable, "-m", "factory", *map(str, args)], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
 
 def snapshot(db):
@@ -38,8 +30,8 @@ def snapshot(db):
 
 def test_readers_query_while_a_run_writes(tmp_path):
     db = tmp_path / "live.duckdb"
-    writer = cli("generate", "-d", "toy", "-n", 4000, "--model", "baseline", "--batch-size", 40, "--seed", 2,
-                 "-q", "--allow-drift", "--shards", 2, "--workers", 1, "--db", db, cwd=tmp_path)
+    writer = factory_popen("generate", "-d", "toy", "-n", 4000, "--model", "baseline", "--batch-size", 40,
+                           "--seed", 2, "-q", "--allow-drift", "--shards", 2, "--workers", 1, "--db", db, cwd=tmp_path)
     seen, sql_ok = [], 0
     deadline = time.monotonic() + 240
     while writer.poll() is None and time.monotonic() < deadline:
@@ -58,7 +50,7 @@ def test_readers_query_while_a_run_writes(tmp_path):
         assert n_records == accepted == shard_sum and n_rejected == rejected and attempted == accepted + rejected
         seen.append((status, accepted))
         if len(seen) % 10 == 0:  # the analyst's command line, too
-            q = cli("sql", "SELECT count(*) AS n FROM toy.records", "--db", db, cwd=tmp_path)
+            q = factory_popen("sql", "SELECT count(*) AS n FROM toy.records", "--db", db, cwd=tmp_path)
             assert q.wait(timeout=60) == 0, q.stderr.read()
             sql_ok += 1
     assert writer.wait(timeout=60) == 0, writer.stderr.read()[-2000:]

@@ -6,16 +6,9 @@ import shutil
 
 import duckdb
 import pytest
-from typer.testing import CliRunner
 
-import factory.cli as cli
 from factory.store import Store, StoreError
-
-runner = CliRunner()
-
-
-def invoke(*args):
-    return runner.invoke(cli.app, [str(a) for a in args])
+from helpers import invoke
 
 
 @pytest.fixture(scope="module")

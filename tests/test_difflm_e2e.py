@@ -1,14 +1,12 @@
 """End to end through the real CLI: train a tiny DiffLM stack, resume it, generate valid records with it."""
 import json
-import os
-import subprocess
-import sys
 
 import duckdb
 import polars as pl
 import pytest
 
 from factory.domain import load_domain
+from helpers import factory_run
 
 pytestmark = pytest.mark.slow
 
@@ -23,9 +21,7 @@ TINY = {
 
 
 def factory(*args, cwd):
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    return subprocess.run([sys.executable, "-m", "factory", *args], cwd=cwd, capture_output=True, text=True,
-                          env=env, timeout=900)
+    return factory_run(*args, cwd=cwd, timeout=900)  # training the tiny stack takes minutes
 
 
 @pytest.fixture(scope="module")

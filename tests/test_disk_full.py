@@ -3,19 +3,12 @@ exactly where an uninterrupted run ends.
 
 "Disk full" is simulated with a file-size limit (RLIMIT_FSIZE, SIGXFSZ ignored): writes past it
 fail with EFBIG like they fail with ENOSPC on a full disk, without needing a small mount."""
-import os
-import resource
-import signal
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
 from factory.domain import load_domain
 from factory.store import Store
+from helpers import factory_run, file_size_limit
 
-TOY = str(Path(__file__).parent / "domains")
 pytestmark = pytest.mark.slow
 # one shard, in this process: every batch is its own transaction (what a full disk must not tear)
 ARGS = ("-d", "toy", "-n", 12000, "--model", "baseline", "--batch-size", 200, "--seed", 6, "-q", "--allow-drift",
@@ -23,13 +16,7 @@ ARGS = ("-d", "toy", "-n", 12000, "--model", "baseline", "--batch-size", 200, "-
 
 
 def cli(*args, cwd, max_file_bytes=None):
-    def limit():
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (max_file_bytes, max_file_bytes))
-
-    env = {**os.environ, "FACTORY_DOMAINS_PATH": TOY, "PYTHONWARNINGS": "ignore"}
-    return subprocess.run([sys.executable, "-m", "factory", *map(str, args)], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=600, preexec_fn=limit if max_file_bytes else None)
+    return factory_run(*args, cwd=cwd, preexec_fn=file_size_limit(max_file_bytes) if max_file_bytes else None)
 
 
 def state(db):

@@ -1,16 +1,10 @@
 """Exports that cannot lie and can never destroy the database (issue 17, items 2 and 3)."""
 import json
 import os
-import resource
-import signal
-import subprocess
-import sys
-from pathlib import Path
 
 import duckdb
 import polars as pl
 import pytest
-from typer.testing import CliRunner
 
 import factory.cli as cli
 import factory.export as export
@@ -18,20 +12,7 @@ from factory.baseline import MarginalBaseline
 from factory.export import ExportError, export_run, is_duckdb_file, manifest_path, sha256_file, verify_export
 from factory.loop import run_generation
 from factory.store import Store
-
-runner = CliRunner()
-TOY = str(Path(__file__).parent / "domains")
-
-
-def invoke(*args):
-    return runner.invoke(cli.app, [str(a) for a in args])
-
-
-def one_line_error(r, code=2):
-    lines = r.output.strip().splitlines()
-    assert r.exit_code == code, r.output
-    assert len(lines) >= 1 and lines[-1].startswith("error: ") and "Traceback" not in r.output
-    return lines[-1]
+from helpers import assert_one_line_error, factory_run, file_size_limit, invoke
 
 
 @pytest.fixture
@@ -57,13 +38,13 @@ def test_generate_refuses_out_equal_to_db(tmp_path, monkeypatch):
     before = db.read_bytes()
     for out in (db, "x.parquet", "./sub/../x.parquet"):  # same file, spelled three ways
         (tmp_path / "sub").mkdir(exist_ok=True)
-        line = one_line_error(invoke("generate", "-d", "toy", "-n", 10, "--model", "baseline", "--db", "x.parquet",
-                                     "--out", out, "--force", "-q"))
+        line = assert_one_line_error(invoke("generate", "-d", "toy", "-n", 10, "--model", "baseline",
+                                            "--db", "x.parquet", "--out", out, "--force", "-q"))
         assert "it is the database (--db)" in line
     link = tmp_path / "link.parquet"
     link.symlink_to(db)
-    line = one_line_error(invoke("generate", "-d", "toy", "-n", 10, "--model", "baseline", "--db", db,
-                                 "--out", link, "--force", "-q"))
+    line = assert_one_line_error(invoke("generate", "-d", "toy", "-n", 10, "--model", "baseline", "--db", db,
+                                        "--out", link, "--force", "-q"))
     assert "it is the database" in line
     assert db.read_bytes() == before and is_duckdb_file(db) and _runs(db) == 1  # nothing ran, nothing lost
 
@@ -73,19 +54,19 @@ def test_export_refuses_db_wal_and_any_duckdb_file(stored, tmp_path):
     # the issue's case: `factory export RUN --db x.csv --out x.csv --force`
     csv_db = tmp_path / "x.csv"
     db.rename(csv_db)
-    line = one_line_error(invoke("export", run_id, "--db", csv_db, "--out", csv_db, "--force"))
+    line = assert_one_line_error(invoke("export", run_id, "--db", csv_db, "--out", csv_db, "--force"))
     assert "it is the database (--db)" in line and is_duckdb_file(csv_db)
     # the database's write-ahead log, reached through a symlink
     wal = csv_db.with_name(csv_db.name + ".wal")
     wal.write_bytes(b"wal bytes")
     (tmp_path / "w.csv").symlink_to(wal)
-    line = one_line_error(invoke("export", run_id, "--db", csv_db, "--out", tmp_path / "w.csv", "--force"))
+    line = assert_one_line_error(invoke("export", run_id, "--db", csv_db, "--out", tmp_path / "w.csv", "--force"))
     assert "the database's WAL" in line and wal.read_bytes() == b"wal bytes"
     wal.unlink()
     # another factory database, not the --db one
     other = tmp_path / "other.parquet"
     duckdb.connect(str(other)).close()
-    line = one_line_error(invoke("export", run_id, "--db", csv_db, "--out", other, "--force"))
+    line = assert_one_line_error(invoke("export", run_id, "--db", csv_db, "--out", other, "--force"))
     assert "is a DuckDB database file" in line and is_duckdb_file(other)
     assert _runs(csv_db) == 1
 
@@ -114,17 +95,17 @@ def test_export_refuses_unfinished_and_ungated_runs(toy, tmp_path):
     assert run["status"] == "failed" and 0 < run["accepted"] < 300
     out = tmp_path / "x.csv"
     for extra in ((), ("--allow-drift",)):  # --allow-drift covers a refused gate, never an incomplete run
-        line = one_line_error(invoke("export", run["run_id"], "--db", db, "--out", out, *extra))
+        line = assert_one_line_error(invoke("export", run["run_id"], "--db", db, "--out", out, *extra))
         assert "status 'failed'" in line and "of 300 records" in line and "--resume" in line
         assert not out.exists() and not manifest_path(out).exists()
     with Store(db) as s:
         s.con.execute("UPDATE runs SET status = 'running' WHERE run_id = ?", [run["run_id"]])
-    assert "status 'running'" in one_line_error(invoke("export", run["run_id"], "--db", db, "--out", out))
+    assert "status 'running'" in assert_one_line_error(invoke("export", run["run_id"], "--db", db, "--out", out))
     # a finished run whose gate never ran
     with Store(db) as s:
         good = run_generation(toy, MarginalBaseline.fit(toy), 20, 0, s, 32, progress=False).run_id
         s.con.execute("UPDATE runs SET gate = NULL WHERE run_id = ?", [good])
-    assert "never gated" in one_line_error(invoke("export", good, "--db", db, "--out", out, "--allow-drift"))
+    assert "never gated" in assert_one_line_error(invoke("export", good, "--db", db, "--out", out, "--allow-drift"))
     assert not out.exists()
 
 
@@ -188,21 +169,14 @@ def test_stale_temp_files_of_a_killed_export_are_removed(toy, stored, tmp_path):
 @pytest.mark.slow
 def test_export_onto_a_full_disk_is_one_line_and_leaves_nothing(toy, tmp_path):
     db = tmp_path / "f.duckdb"
-    env = {**os.environ, "FACTORY_DOMAINS_PATH": TOY, "PYTHONWARNINGS": "ignore"}
-    base = [sys.executable, "-m", "factory"]
-    r = subprocess.run(base + ["generate", "-d", "toy", "-n", "1000", "--model", "baseline", "--db", str(db), "-q",
-                               "--allow-drift"], env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    r = factory_run("generate", "-d", "toy", "-n", 1000, "--model", "baseline", "--db", db, "-q", "--allow-drift",
+                    cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     with Store(db, read_only=True) as s:
         run_id = s.runs()["run_id"][0]
 
-    def limit():  # writes past 2 kB fail with EFBIG, as they fail with ENOSPC on a full disk
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (2_000, 2_000))
-
-    for name in ("x.csv", "x.parquet"):
-        r = subprocess.run(base + ["export", run_id, "--db", str(db), "--out", name], env=env, capture_output=True,
-                           text=True, timeout=600, cwd=tmp_path, preexec_fn=limit)
+    for name in ("x.csv", "x.parquet"):  # writes past 2 kB fail as they fail on a full disk
+        r = factory_run("export", run_id, "--db", db, "--out", name, cwd=tmp_path, preexec_fn=file_size_limit(2_000))
         assert r.returncode == 2, (r.stdout, r.stderr[-2000:])
         assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
         assert f"cannot write {name}" in r.stderr
@@ -221,7 +195,7 @@ def test_resume_of_a_live_run_is_refused(toy, tmp_path):
         before = s.run(run_id)["accepted"]
         lock = RunLock(s, run_id).__enter__()  # another process generating this run holds this lock
     try:
-        line = one_line_error(invoke("generate", "--resume", run_id, "--db", db, "-q", "--allow-drift"))
+        line = assert_one_line_error(invoke("generate", "--resume", run_id, "--db", db, "-q", "--allow-drift"))
         assert "is being generated by another process" in line
         with Store(db, read_only=True) as s:
             assert s.run(run_id)["accepted"] == before and s.run(run_id)["status"] == "failed"
@@ -241,13 +215,13 @@ def test_resume_of_a_live_run_is_refused(toy, tmp_path):
 def test_huge_integers_are_one_line(stored, args, message):
     db, run_id = stored
     args = tuple(run_id if a == "RUN" else a for a in args) + ("--db", db)
-    assert message in one_line_error(invoke(*args))
+    assert message in assert_one_line_error(invoke(*args))
 
 
 def test_validate_refuses_a_header_only_file_and_counts_in_chunks(toy, tmp_path, monkeypatch):
     header = tmp_path / "empty.csv"
     header.write_text(",".join(toy.spec.names) + "\n")
-    assert "has a header but no rows" in one_line_error(invoke("validate", "-d", "toy", header))
+    assert "has a header but no rows" in assert_one_line_error(invoke("validate", "-d", "toy", header))
     # chunked validation counts exactly what one pass counts
     rows = toy.load_split("train")
     bad = pl.concat([rows] * 3).with_columns(pl.lit(-1.0).alias("weight"))

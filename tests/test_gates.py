@@ -5,9 +5,7 @@ import json
 import numpy as np
 import polars as pl
 import pytest
-from typer.testing import CliRunner
 
-import factory.cli as cli
 from factory.checks.base import GateConfig
 from factory.checks.distribution import (Reference, coverage_bound, distribution_checks, duplicates_bound, ks_bound,
                                          quantile_bound, tvd_bound)
@@ -17,12 +15,7 @@ from factory.checks.distance import exact_copies
 from factory.export import export_run, manifest_path
 from factory.loop import run_generation
 from factory.store import Store
-
-runner = CliRunner()
-
-
-def invoke(*args):
-    return runner.invoke(cli.app, [str(a) for a in args])
+from helpers import invoke
 
 
 @pytest.fixture(scope="module")

@@ -29,10 +29,9 @@ import polars as pl
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from typer.testing import CliRunner
 
-from factory.cli import app
 from factory.domain import DomainError, FrameError, load_domain
+from helpers import TOY_DOMAINS, assert_one_line_error, invoke
 from schemas.columns import Categorical, Numeric
 
 FUZZ = settings(max_examples=100, deadline=None,
@@ -277,22 +276,7 @@ def test_first_failure_of_a_faulty_frame_is_the_column_fault(toy):
 
 
 # ---- 2. malformed domain folders ---------------------------------------------------------------
-TOY = Path(__file__).resolve().parent / "domains" / "toy"
-runner = CliRunner()
-
-
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def assert_one_line_error(result, *fragments, code=2):
-    assert result.exit_code == code, result.output
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
-    assert "Traceback" not in result.output
-    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
-    for f in fragments:
-        assert f in lines[0], lines[0]
+TOY = TOY_DOMAINS / "toy"
 
 
 def make_domain(base: Path, name: str, config: str | None = None, edit=lambda src: src) -> Path:

@@ -1,26 +1,21 @@
 """Progress and interruption as a user meets them: the run id is printed first, plain progress lines
 appear when output is not a terminal, Ctrl-C (SIGINT) prints the resume command, and that command
 completes the run to exactly what an uninterrupted run of the same seed stores."""
-import os
 import re
 import signal
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from factory.store import Store
+from helpers import factory_popen
 
-TOY = str(Path(__file__).parent / "domains")
 pytestmark = pytest.mark.slow
 ARGS = ("-d", "toy", "-n", 1500, "--model", "baseline", "--batch-size", 40, "--seed", 2, "--allow-drift")
 
 
 def cli(*args, cwd):
-    env = {**os.environ, "FACTORY_DOMAINS_PATH": TOY, "PYTHONWARNINGS": "ignore", "FACTORY_PROGRESS_INTERVAL": "0"}
-    return subprocess.Popen([sys.executable, "-m", "factory", *map(str, args)], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    """`factory ARGS...` as a process, with a progress line for every stored batch."""
+    return factory_popen(*args, cwd=cwd, env={"FACTORY_PROGRESS_INTERVAL": "0"})
 
 
 def records(db, run_id):

@@ -6,29 +6,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
-import factory.cli as cli
 from factory.difflm.config import ModelError
 from factory.difflm.pipeline import DiffLMGenerator
 from factory.difflm.train import TrainConfig, _safe_load, commit_stack, stack_manifest, staging_dir
+from helpers import assert_one_line_error, invoke
 
-runner = CliRunner()
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ROOT / "domains" / "finance" / "model"
 TINY = {"max_train_rows": 64, "lm_epochs": 1, "vae_epochs": 1, "diffusion_steps": 10,
         "decoder": {"hidden_size": 16, "num_layers": 1, "num_heads": 2, "intermediate_size": 32, "prompt_len": 2},
         "denoiser": {"latent_dim": 4, "hidden": 16, "blocks": 1, "emb_dim": 8}, "sampler": {"steps": 2}}
-
-
-def invoke(*args):
-    return runner.invoke(cli.app, [str(a) for a in args])
-
-
-def last_error(r, code=2):
-    assert r.exit_code == code, r.output
-    assert "Traceback" not in r.output
-    return r.output.strip().splitlines()[-1]
 
 
 class Planted:
@@ -68,8 +56,8 @@ def test_train_resume_refuses_a_planted_checkpoint_in_one_line(tmp_path):
     ckpt.mkdir(parents=True)
     torch.save({"model": Planted(marker)}, ckpt / "lm.pt")
     (tmp_path / "tiny.json").write_text(json.dumps(TINY))
-    line = last_error(invoke("train", "--domain", "finance", "--config", tmp_path / "tiny.json", "--out", out,
-                             "--resume", "--db", tmp_path / "t.duckdb", "--quiet"))
+    line = assert_one_line_error(invoke("train", "--domain", "finance", "--config", tmp_path / "tiny.json",
+                                        "--out", out, "--resume", "--db", tmp_path / "t.duckdb", "--quiet"))
     assert "lm.pt cannot be loaded safely" in line and not marker.exists() and not out.exists()
 
 
@@ -81,18 +69,20 @@ def test_train_resume_refuses_a_planted_checkpoint_in_one_line(tmp_path):
 ], ids=["broken", "list", "huge-batch", "steps", "deeply-nested"])
 def test_train_config_errors_are_one_line(tmp_path, config, message):
     (tmp_path / "c.json").write_text(config)
-    line = last_error(invoke("train", "--domain", "finance", "--config", tmp_path / "c.json", "--out",
-                             tmp_path / "m", "--db", tmp_path / "t.duckdb", "--quiet"))
+    line = assert_one_line_error(invoke("train", "--domain", "finance", "--config", tmp_path / "c.json", "--out",
+                                        tmp_path / "m", "--db", tmp_path / "t.duckdb", "--quiet"))
     assert message in line and "c.json" in line, line
 
 
 def test_train_user_mistakes_are_one_line(tmp_path):
-    assert "unknown domain" in last_error(invoke("train", "--domain", "nope", "--out", tmp_path / "m")).lower()
+    line = assert_one_line_error(invoke("train", "--domain", "nope", "--out", tmp_path / "m"))
+    assert "unknown domain" in line.lower()
     corrupt = tmp_path / "bad.duckdb"
     corrupt.write_text("not a database" * 100)
-    line = last_error(invoke("train", "--domain", "finance", "--out", tmp_path / "m", "--db", corrupt, "--quiet"))
+    line = assert_one_line_error(invoke("train", "--domain", "finance", "--out", tmp_path / "m", "--db", corrupt,
+                                        "--quiet"))
     assert "bad.duckdb" in line
-    line = last_error(invoke("train", "--domain", "finance", "--out", tmp_path / "m", "--resume", "--quiet"))
+    line = assert_one_line_error(invoke("train", "--domain", "finance", "--out", tmp_path / "m", "--resume", "--quiet"))
     assert "nothing to resume" in line
 
 
@@ -104,8 +94,8 @@ def stack(tmp_path):
 
 
 def _generate_error(stack, tmp_path):
-    return last_error(invoke("generate", "-d", "finance", "-n", 5, "--model-dir", stack, "--db",
-                             tmp_path / "g.duckdb", "-q"))
+    return assert_one_line_error(invoke("generate", "-d", "finance", "-n", 5, "--model-dir", stack, "--db",
+                                        tmp_path / "g.duckdb", "-q"))
 
 
 @pytest.mark.parametrize("rel, content, message", [
@@ -137,8 +127,8 @@ def test_bad_conditional_stage_files_are_one_line(stack, tmp_path, rel, content,
     """The conditional stage's configs go through the same checks as the base stack's (Pretrained)."""
     path = stack / rel
     path.write_text(json.dumps({**json.loads(path.read_text()), **content}))
-    line = last_error(invoke("generate", "-d", "finance", "-n", 5, "--model-dir", stack, "--where", "term = 60",
-                             "--db", tmp_path / "g.duckdb", "-q"))
+    line = assert_one_line_error(invoke("generate", "-d", "finance", "-n", 5, "--model-dir", stack,
+                                        "--where", "term = 60", "--db", tmp_path / "g.duckdb", "-q"))
     assert message in line, line
 
 
@@ -181,7 +171,7 @@ def test_training_never_replaces_a_trained_stack_without_force(finance, tmp_path
     from factory.difflm.pipeline import model_checksum
 
     before = model_checksum(finance.model_dir)
-    line = last_error(invoke("train", "-d", "finance", "--db", tmp_path / "t.duckdb", "--quiet"))
+    line = assert_one_line_error(invoke("train", "-d", "finance", "--db", tmp_path / "t.duckdb", "--quiet"))
     assert "already holds a trained stack" in line and "--out DIR" in line and "--force" in line, line
     assert model_checksum(finance.model_dir) == before
     assert not (finance.model_dir.parent / ".model.training").exists()

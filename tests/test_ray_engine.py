@@ -2,12 +2,8 @@
 
 The run must still store exactly n valid, distinct records with exact accounting, and the
 same records as the local engine with the same seed and shard count."""
-import os
 import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import polars as pl
 import psutil
@@ -15,15 +11,9 @@ import pytest
 
 from factory.domain import load_domain
 from factory.store import Store
+from helpers import factory_popen
 
 pytestmark = pytest.mark.slow
-TOY = str(Path(__file__).parent / "domains")
-
-
-def cli(*args, cwd):
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "FACTORY_DOMAINS_PATH": TOY}
-    return subprocess.Popen([sys.executable, "-m", "factory", *map(str, args)], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def busy_workers() -> list[psutil.Process]:
@@ -41,8 +31,8 @@ def busy_workers() -> list[psutil.Process]:
 def test_ray_two_workers_one_killed_gives_exactly_n_and_the_local_records(tmp_path):
     n, shards = 3000, 6
     common = ("-d", "finance", "-n", n, "--seed", 3, "--shards", shards, "-q")
-    ray_run = cli("generate", *common, "--engine", "ray", "--workers", 2, "--db", "ray.duckdb",
-                  "--out", "ray.parquet", cwd=tmp_path)
+    ray_run = factory_popen("generate", *common, "--engine", "ray", "--workers", 2, "--db", "ray.duckdb",
+                            "--out", "ray.parquet", cwd=tmp_path)
     killed = None
     deadline = time.monotonic() + 300
     while killed is None and ray_run.poll() is None and time.monotonic() < deadline:
@@ -58,7 +48,7 @@ def test_ray_two_workers_one_killed_gives_exactly_n_and_the_local_records(tmp_pa
     assert ray_run.wait(timeout=600) == 0, ray_run.stderr.read()[-3000:]
     assert killed is not None, "no worker was caught mid-shard; the run is too short to test a kill"
 
-    local = cli("generate", *common, "--db", "local.duckdb", "--out", "local.parquet", cwd=tmp_path)
+    local = factory_popen("generate", *common, "--db", "local.duckdb", "--out", "local.parquet", cwd=tmp_path)
     assert local.wait(timeout=600) == 0, local.stderr.read()[-3000:]
 
     finance = load_domain("finance")
@@ -87,6 +77,7 @@ def test_engine_option_mistakes(tmp_path):
                       (("--shards", 11), "--shards must be between 1 and n"),
                       (("--device", "cuda"), "the baseline runs on CPU only"),
                       (("--device", "gpu"), "--device must be one of")]:
-        p = cli("generate", "-d", "toy", "-n", 10, "--model", "baseline", "--db", "x.duckdb", *args, cwd=tmp_path)
+        p = factory_popen("generate", "-d", "toy", "-n", 10, "--model", "baseline", "--db", "x.duckdb", *args,
+                          cwd=tmp_path)
         err = p.stderr.read()
         assert p.wait(timeout=120) == 2 and msg in err and "Traceback" not in err, (args, err)

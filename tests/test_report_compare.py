@@ -5,17 +5,10 @@ Uses the toy domain (tests/domains/toy) and a small hand-written peers file, so 
 import json
 
 import pytest
-from typer.testing import CliRunner
 
 from factory import evaluate as ev
-from factory.cli import app
 from factory.store import Store
-
-runner = CliRunner()
-
-
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
+from helpers import assert_one_line_error, invoke
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +107,4 @@ def test_report_compare_rejects_a_bad_or_foreign_peers_file(toy_run, toy, tmp_pa
     foreign.write_text(json.dumps({"results": {"x": peer(toy, domain="finance")}}))
     for f, fragment in ((tmp_path / "missing.json", "no such file"), (bad, "not a peers file"),
                         (foreign, "domain finance")):
-        r = invoke("report", run_id, "--db", db, "--out", tmp_path / "rep", "--compare", f)
-        assert r.exit_code == 2, r.output
-        lines = r.output.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], r.output
+        assert_one_line_error(invoke("report", run_id, "--db", db, "--out", tmp_path / "rep", "--compare", f), fragment)

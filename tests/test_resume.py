@@ -1,10 +1,7 @@
 """Crash safety: a generation killed with SIGKILL at random moments, resumed each time,
 ends with exactly what an uninterrupted run of the same seed stores."""
-import os
 import random
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -13,15 +10,9 @@ import pytest
 
 from factory.domain import load_domain
 from factory.store import Store
+from helpers import factory_popen
 
-TOY = str(Path(__file__).parent / "domains")
 pytestmark = pytest.mark.slow
-
-
-def cli(*args, cwd):
-    env = {**os.environ, "FACTORY_DOMAINS_PATH": TOY, "PYTHONWARNINGS": "ignore"}
-    return subprocess.Popen([sys.executable, "-m", "factory", *map(str, args)], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def run_row(db):
@@ -53,13 +44,13 @@ def stored(db, run_id):
 def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(tmp_path):
     n, args = 3000, ("-d", "toy", "-n", 3000, "--model", "baseline", "--batch-size", 40, "--seed", 4, "-q",
                      "--allow-drift")  # the marginal baseline fails the gate; accounting is what is tested
-    ref = cli("generate", *args, "--db", "ref.duckdb", cwd=tmp_path)
+    ref = factory_popen("generate", *args, "--db", "ref.duckdb", cwd=tmp_path)
     assert ref.wait(timeout=300) == 0, ref.stderr.read()[-2000:]
     (ref_id, *_), = run_row(tmp_path / "ref.duckdb")
 
     rng = random.Random(7)
     db = tmp_path / "crash.duckdb"
-    p = cli("generate", *args, "--db", db, cwd=tmp_path)
+    p = factory_popen("generate", *args, "--db", db, cwd=tmp_path)
     kills = 0
     while True:
         time.sleep(rng.uniform(1.5, 4.0))  # start-up is ~1.5 s; then batches commit every few ms
@@ -70,16 +61,16 @@ def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(tmp_p
         kills += 1
         rows = run_row(db)
         if not rows:  # killed before the run row existed: start again
-            p = cli("generate", *args, "--db", db, cwd=tmp_path)
+            p = factory_popen("generate", *args, "--db", db, cwd=tmp_path)
             continue
         (run_id, status, attempted, accepted, rejected), = rows
         assert status == "running" and attempted == accepted + rejected
         recs, rej, _ = stored(db, run_id)
         assert recs.height == accepted and rej["attempt_id"].n_unique() == rejected  # no half batch
         if kills >= 3:
-            p = cli("generate", "--resume", run_id, "--db", db, "-q", "--allow-drift", cwd=tmp_path)
+            p = factory_popen("generate", "--resume", run_id, "--db", db, "-q", "--allow-drift", cwd=tmp_path)
             break
-        p = cli("generate", "--resume", run_id, "--db", db, "-q", cwd=tmp_path)
+        p = factory_popen("generate", "--resume", run_id, "--db", db, "-q", cwd=tmp_path)
     assert p.wait(timeout=300) == 0, p.stderr.read()[-2000:]
     assert kills >= 1, "the run finished before it could be killed; lengthen it"
     (run_id, *_), = run_row(db)
@@ -94,13 +85,13 @@ def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(tmp_p
 
 
 def test_resume_refuses_a_finished_run_and_extra_options(tmp_path):
-    p = cli("generate", "-d", "toy", "-n", 50, "--model", "baseline", "--db", "x.duckdb", "-q", cwd=tmp_path)
+    p = factory_popen("generate", "-d", "toy", "-n", 50, "--model", "baseline", "--db", "x.duckdb", "-q", cwd=tmp_path)
     assert p.wait(timeout=120) == 0
     (run_id, *_), = run_row(tmp_path / "x.duckdb")
-    r = cli("generate", "--resume", run_id, "--db", "x.duckdb", cwd=tmp_path)
+    r = factory_popen("generate", "--resume", run_id, "--db", "x.duckdb", cwd=tmp_path)
     assert r.wait(timeout=120) == 2 and "only an interrupted run can be resumed" in r.stderr.read()
-    r = cli("generate", "--resume", run_id, "-n", 5, "--db", "x.duckdb", cwd=tmp_path)
+    r = factory_popen("generate", "--resume", run_id, "-n", 5, "--db", "x.duckdb", cwd=tmp_path)
     assert r.wait(timeout=120) == 2 and "do not pass them" in r.stderr.read()
-    r = cli("generate", "--resume", "nope", "--db", "x.duckdb", cwd=tmp_path)
+    r = factory_popen("generate", "--resume", "nope", "--db", "x.duckdb", cwd=tmp_path)
     err = r.stderr.read()
     assert r.wait(timeout=120) == 2 and "no run 'nope'" in err and "Traceback" not in err
