@@ -47,13 +47,13 @@ def test_fused_attention_matches_sdpa_in_both_precisions():
     for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
         qkv = torch.randn(B, 3 * h * hd).to(dtype)  # strided rows, as the step passes them
         q, k, v = qkv[:, :h * hd], qkv[:, h * hd:2 * h * hd], qkv[:, 2 * h * hd:]
-        Kt, V = torch.randn(B, h, hd, T).to(dtype), torch.randn(B, h, T, hd).to(dtype)
-        Kt2, V2 = Kt.float().clone(), V.float().clone()
+        K, V = torch.randn(B, h, T, hd).to(dtype), torch.randn(B, h, T, hd).to(dtype)
+        K2, V2 = K.float().clone(), V.float().clone()
         for t in (1, 5, T):
-            a = attention.decode_attention(q, k, v, Kt, V, t, 0.2, "fused").float()
-            b = attention.decode_attention(q.float(), k.float(), v.float(), Kt2, V2, t, 0.2, "sdpa")
+            a = attention.decode_attention(q, k, v, K, V, t, 0.2, "fused").float()
+            b = attention.decode_attention(q.float(), k.float(), v.float(), K2, V2, t, 0.2, "sdpa")
             assert torch.allclose(a, b, atol=tol), (dtype, t, (a - b).abs().max())
-            assert torch.equal(Kt.float(), Kt2) and torch.equal(V.float(), V2)  # both stored k, v at t - 1
+            assert torch.equal(K.float(), K2) and torch.equal(V.float(), V2)  # both stored k, v at t - 1
 
 
 def test_fast_generate_samples_the_same_ids_as_transformers_in_float32(tok, finance):

@@ -1,8 +1,8 @@
 """Decode-step attention: one new query per row and head over the few cached positions.
 
-`decode_attention(q, k, v, Kt, V, t, scale)`: the new position's q, k, v [B, h * hd]; the caches,
-keys transposed Kt [B, h, hd, Tmax] and values V [B, h, Tmax, hd]. Stores k and v at position t - 1,
-then attends to positions [0, t). Two implementations, same maths:
+`decode_attention(q, k, v, K, V, t, scale)`: the new position's q, k, v [B, h * hd]; the caches,
+keys K and values V [B, h, Tmax, hd]. Stores k and v at position t - 1, then attends to positions
+[0, t). Two implementations, same maths:
 - "fused": a small C++ loop (kernels/decode_attention.cpp), built with the system's C++ compiler on
   first use and cached by torch (~/.cache/torch_extensions, or $TORCH_EXTENSIONS_DIR); about 3-4x
   faster than SDPA here, because SDPA's per-(row, head) set-up costs more than a 1 x 32 query
@@ -72,13 +72,13 @@ def implementation() -> str:
     return "fused"
 
 
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, Kt: torch.Tensor, V: torch.Tensor, t: int,
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, K: torch.Tensor, V: torch.Tensor, t: int,
                      scale: float, impl: str = "fused") -> torch.Tensor:
     if impl == "fused" and q.device.type == "cpu":
-        return _fused_module().decode_attention(q, k, v, Kt, V, t, scale)
+        return _fused_module().decode_attention(q, k, v, K, V, t, scale)
     B, h, hd = V.shape[0], V.shape[1], V.shape[3]
-    Kt[..., t - 1] = k.reshape(B, h, hd)
+    K[:, :, t - 1] = k.reshape(B, h, hd)
     V[:, :, t - 1] = v.reshape(B, h, hd)
-    out = F.scaled_dot_product_attention(q.reshape(B, h, 1, hd), Kt[..., :t].transpose(-1, -2), V[:, :, :t],
+    out = F.scaled_dot_product_attention(q.reshape(B, h, 1, hd), K[:, :, :t], V[:, :, :t],
                                          scale=scale)
     return out.reshape(B, h * hd)

@@ -293,13 +293,13 @@ class DecodeStep:
     def start(self, batch: int, length: int) -> "DecodeStep":
         L = len(self.layers)
         shape = (L, batch, self.heads)
-        self.Kt = torch.empty(*shape, self.head_dim, length, dtype=self.dtype, device=self.device)
+        self.K = torch.empty(*shape, length, self.head_dim, dtype=self.dtype, device=self.device)
         self.V = torch.empty(*shape, length, self.head_dim, dtype=self.dtype, device=self.device)
         return self
 
     def select_rows(self, idx: torch.Tensor):
         """Keep rows `idx` of the running batch's cache (a resampling: rows may repeat)."""
-        self.Kt, self.V = self.Kt[:, idx], self.V[:, idx]
+        self.K, self.V = self.K[:, idx], self.V[:, idx]
 
     def _rms(self, x, w):  # transformers' LlamaRMSNorm
         xf = x.to(torch.float32)
@@ -315,7 +315,7 @@ class DecodeStep:
         for i, (ln1, wqkv, wo, ln2, wgu, wd) in enumerate(self.layers):
             y = F.linear(self._rms(x, ln1), wqkv)  # [B, 5H]: q, k, v, rotate_half(q), rotate_half(k)
             qk = y[:, :2 * H] * cos + y[:, 3 * H:] * sin
-            att = decode_attention(qk[:, :H], qk[:, H:], y[:, 2 * H:3 * H], self.Kt[i], self.V[i], t, self.scale,
+            att = decode_attention(qk[:, :H], qk[:, H:], y[:, 2 * H:3 * H], self.K[i], self.V[i], t, self.scale,
                                    self.attention)  # also stores k, v at `pos`
             x = x + F.linear(att, wo)
             gu = F.linear(self._rms(x, ln2), wgu)
