@@ -18,13 +18,13 @@ import hashlib
 import html
 import io
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 
 from factory import evaluate as ev
+from factory.files import atomic_write_text
 from factory.inputs import InputError
 from schemas.columns import Numeric
 
@@ -457,7 +457,5 @@ Metrics as JSON: <code>metrics.json</code>. An export of this run carries its sh
 </body></html>"""
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, text in (("metrics.json", json.dumps(metrics, indent=1, default=str)), ("report.html", page)):
-        tmp = out_dir / f".{name}.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, out_dir / name)
+        atomic_write_text(out_dir / name, text)  # a crash leaves the old file or the new one, never half of one
     return out_dir / "report.html"
