@@ -56,14 +56,18 @@ def test_generate_with_a_condition_like_the_cli():
     run.close()
 
 
-def test_generation_does_not_import_the_evaluation_module():
+@pytest.mark.parametrize("model", ["baseline", "difflm"])
+def test_generation_does_not_import_the_evaluation_module_or_transformers(model):
     """The privacy filter's distances live in factory.checks.distance: a run with every gate on loads
-    neither factory.evaluate nor SDMetrics/XGBoost (fresh interpreter, so other tests cannot hide it)."""
+    neither factory.evaluate nor SDMetrics/XGBoost; the DiffLM stack samples through DecodeStep
+    from `_SamplingLlama`, without importing transformers (157 MiB per worker). Fresh interpreter,
+    so other tests cannot hide it."""
     import subprocess
     import sys
 
-    code = ("import sys, factory; factory.generate('finance', 200, model='baseline', allow_drift=True); "
-            "print(sorted(m for m in ('factory.evaluate', 'sdmetrics', 'xgboost') if m in sys.modules))")
+    code = (f"import sys, factory; factory.generate('finance', 200, model={model!r}, allow_drift=True, workers=1); "
+            "print(sorted(m for m in ('factory.evaluate', 'sdmetrics', 'xgboost', 'transformers') "
+            "if m in sys.modules))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip().splitlines()[-1] == "[]"

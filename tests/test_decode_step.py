@@ -101,3 +101,21 @@ def test_another_checkout_reuses_the_built_kernel_instead_of_rebuilding_it(tmp_p
     module, so = p.stdout.split()
     assert Path(module).is_relative_to(tmp_path)  # the copy ran, not this checkout
     assert Path(so) == built and built.stat().st_mtime_ns == stamp
+
+
+def test_the_sampling_llama_samples_the_same_ids_as_transformers(finance):
+    """DomainDecoder(inference=True) holds the shipped weights without transformers' modules; its
+    DecodeStep (rotary tables included) must give exactly the ids of the LlamaForCausalLM-built one."""
+    from factory.difflm.decoder import _SamplingLlama
+
+    path = finance.model_dir
+    lite = DomainDecoder.from_pretrained(path / "decoder", inference=True).freeze()
+    full = DomainDecoder.from_pretrained(path / "decoder").freeze()
+    assert isinstance(lite.lm, _SamplingLlama) and not isinstance(full.lm, _SamplingLlama)
+    tok = SchemaTokenizer.from_pretrained(path, finance.spec)
+    for precision in ("float32", "bfloat16"):
+        a = lite.to_precision(precision).generate(None, tok, torch.Generator().manual_seed(3), batch=300)
+        b = full.to_precision(precision).generate(None, tok, torch.Generator().manual_seed(3), batch=300)
+        assert torch.equal(a, b), precision
+    with pytest.raises(NotImplementedError):
+        lite.forward_prompted(None, a[:2])

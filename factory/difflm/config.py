@@ -126,9 +126,10 @@ class Pretrained:
             save_file(self._state(), str(path / self.weights_file))
 
     @classmethod
-    def from_pretrained(cls, path: str | Path):
+    def from_pretrained(cls, path: str | Path, **init_kwargs):
+        """`init_kwargs` go to the constructor after the config (e.g. a decoder's `inference`)."""
         path = Path(path)
-        component = cls(load_config(cls.config_class, path / cls.config_file, cls.config_ranges))
+        component = cls(load_config(cls.config_class, path / cls.config_file, cls.config_ranges), **init_kwargs)
         if cls.weights_file is not None:
             from safetensors.torch import load_file
 

@@ -17,7 +17,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
 
 from .config import POSITIVE, Pretrained
 from .tokenizer import BOS, SchemaTokenizer
@@ -47,6 +46,82 @@ DECODER_RANGES = {k: POSITIVE for k in ("hidden_size", "num_layers", "num_heads"
 DECODER_RANGES["__all__"] = (lambda c: c.hidden_size % c.num_heads == 0, "hidden_size must be a multiple of num_heads")
 
 
+RMS_EPS, ROPE_THETA = 1e-6, 10000.0  # LlamaConfig's defaults, which the domain decoder keeps (a test compares)
+
+
+def _max_positions(cfg: DecoderConfig) -> int:
+    return cfg.seq_len + cfg.prompt_len + 8
+
+
+class _Config:
+    """The LlamaConfig fields `DecodeStep` reads, for `_SamplingLlama`."""
+
+    def __init__(self, cfg: DecoderConfig):
+        self.num_attention_heads = self.num_key_value_heads = cfg.num_heads
+        self.hidden_size, self.intermediate_size = cfg.hidden_size, cfg.intermediate_size
+        self.head_dim = cfg.hidden_size // cfg.num_heads
+        self.rms_norm_eps, self.max_position_embeddings = RMS_EPS, _max_positions(cfg)
+        self.attention_bias = self.mlp_bias = False
+        self.hidden_act = "silu"
+
+
+class _Weight(nn.Module):
+    def __init__(self, n: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(n))
+
+
+class _Rotary(nn.Module):
+    """transformers' LlamaRotaryEmbedding, default rope: cos/sin of position x inv_freq, in float32, then the dtype."""
+
+    def __init__(self, head_dim: int):
+        super().__init__()
+        self.register_buffer("inv_freq", 1.0 / ROPE_THETA ** (torch.arange(0, head_dim, 2).float() / head_dim),
+                             persistent=False)
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor):
+        freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype=x.dtype), emb.sin().to(dtype=x.dtype)
+
+
+class _SamplingLlama(nn.Module):
+    """The domain decoder's Llama weights under transformers' parameter names, without its modules:
+    all `DecodeStep` reads (tests/test_decode_step.py checks it gives the same ids as
+    LlamaForCausalLM). It has no forward: training and teacher forcing use LlamaForCausalLM."""
+
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        H, inter = cfg.hidden_size, cfg.intermediate_size
+        self.config = _Config(cfg)
+        self.model = nn.Module()
+        self.model.embed_tokens = nn.Embedding(cfg.vocab_size, H)
+        self.model.layers = nn.ModuleList()
+        for _ in range(cfg.num_layers):
+            layer = nn.Module()
+            layer.self_attn = nn.Module()
+            for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                setattr(layer.self_attn, name, nn.Linear(H, H, bias=False))
+            layer.mlp = nn.Module()
+            layer.mlp.gate_proj, layer.mlp.up_proj = nn.Linear(H, inter, bias=False), nn.Linear(H, inter, bias=False)
+            layer.mlp.down_proj = nn.Linear(inter, H, bias=False)
+            layer.input_layernorm, layer.post_attention_layernorm = _Weight(H), _Weight(H)
+            self.model.layers.append(layer)
+        self.model.norm = _Weight(H)
+        self.model.rotary_emb = _Rotary(self.config.head_dim)
+        self.lm_head = nn.Linear(H, cfg.vocab_size, bias=False)
+        self.tie_weights()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def tie_weights(self) -> None:
+        self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, *args, **kwargs):
+        raise NotImplementedError("a decoder loaded for sampling (inference=True) has no forward; load it without")
+
+
 class FrozenLM(nn.Module):
     """What every DiffLM decoder shares: an `lm` whose input embeddings take the soft prompt."""
 
@@ -66,15 +141,24 @@ class DomainDecoder(Pretrained, FrozenLM):
     config_class, config_ranges = DecoderConfig, DECODER_RANGES
     config_file, weights_file = "decoder_config.json", "decoder.safetensors"
 
-    def __init__(self, cfg: DecoderConfig):
+    def __init__(self, cfg: DecoderConfig, inference: bool = False):
+        """`inference`: hold the LM's weights in `_SamplingLlama` (same parameter names, no
+        transformers import: 157 MiB less per generation worker) instead of transformers'
+        LlamaForCausalLM; only `generate` works then (no teacher-forced forward)."""
         super().__init__()
         self.cfg = cfg
-        self.lm = LlamaForCausalLM(LlamaConfig(
-            vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-            num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_heads,
-            max_position_embeddings=cfg.seq_len + cfg.prompt_len + 8, tie_word_embeddings=True,
-            bos_token_id=BOS, eos_token_id=None, pad_token_id=0,
-        ))
+        if inference:
+            self.lm = _SamplingLlama(cfg)
+        else:
+            from transformers import LlamaConfig, LlamaForCausalLM
+
+            self.lm = LlamaForCausalLM(LlamaConfig(
+                vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+                num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+                num_key_value_heads=cfg.num_heads, max_position_embeddings=_max_positions(cfg),
+                tie_word_embeddings=True,
+                bos_token_id=BOS, eos_token_id=None, pad_token_id=0,
+            ))
         # The unconditional prompt the LM is pretrained with; the injector starts from it.
         self.null_prompt = nn.Parameter(torch.randn(cfg.prompt_len, cfg.hidden_size) * 0.02)
 
@@ -145,6 +229,8 @@ class DomainDecoder(Pretrained, FrozenLM):
             logits = run.step(x[:, k], k)
             forward = lambda nxt, p: run.step(self.embed(nxt), p)  # noqa: E731
         elif impl == "transformers":
+            from transformers import StaticCache
+
             lm = self.lm
             cache = StaticCache(config=lm.config, max_cache_len=k + 1 + tokenizer.length)
             logits = lm(inputs_embeds=x, cache=cache, use_cache=True,

@@ -206,7 +206,7 @@ class DiffLMGenerator:
             constraints += observed_max_constraints(domain, constraints)
         try:
             tok = SchemaTokenizer.from_pretrained(path, domain.spec, constraints)
-            dec = DomainDecoder.from_pretrained(path / "decoder").freeze()
+            dec = DomainDecoder.from_pretrained(path / "decoder", inference=True).freeze()
             inj = SoftPromptInjector.from_pretrained(path / "injector").eval()
             den = Denoiser.from_pretrained(path / "denoiser").eval()
             sampler = EDMSampler.from_pretrained(path / "denoiser")
@@ -302,5 +302,5 @@ def load_conditional(path: Path) -> dict | None:
             "denoiser": ConditionalDenoiser.from_pretrained(path / "denoiser").eval(),
             "stats": load_file(str(path / "denoiser" / "latent_stats.safetensors")),
             # its own fine-tuned copy of the decoder, if trained with decoder_lr > 0
-            "decoder": DomainDecoder.from_pretrained(path / "decoder").freeze()
+            "decoder": DomainDecoder.from_pretrained(path / "decoder", inference=True).freeze()
             if (path / "decoder" / "decoder.safetensors").exists() else None}
