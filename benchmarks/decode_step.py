@@ -23,6 +23,7 @@ import torch  # noqa: E402
 
 from benchmarks.machine import header, machine_info  # noqa: E402
 from factory.difflm import attention  # noqa: E402
+from factory.difflm.decoder import DomainDecoder  # noqa: E402
 from factory.domain import load_domain  # noqa: E402
 from factory.generators import load_generator  # noqa: E402
 
@@ -41,8 +42,11 @@ def main():
     info = machine_info()
     d = load_domain(args.domain)
     gen = load_generator(d, None, precision="float32")
+    # The generator's decoder is the sampling-only one (no transformers forward): the reference
+    # path needs the LlamaForCausalLM-built decoder of the same weights.
+    full = DomainDecoder.from_pretrained(gen.path / "decoder").freeze()
     # one decoder per precision: converting one model back and forth would round its float32 weights
-    decoders = {p: copy.deepcopy(gen.dec).to_precision(p) for p in ("float32", "bfloat16")}
+    decoders = {p: copy.deepcopy(full).to_precision(p) for p in ("float32", "bfloat16")}
     fused = attention.implementation()
     with torch.no_grad():
         prompt = gen.inj(gen.sample_latents(args.batch, torch.Generator().manual_seed(0)))
