@@ -46,7 +46,9 @@ DECODER_RANGES = {k: POSITIVE for k in ("hidden_size", "num_layers", "num_heads"
 DECODER_RANGES["__all__"] = (lambda c: c.hidden_size % c.num_heads == 0, "hidden_size must be a multiple of num_heads")
 
 
-RMS_EPS, ROPE_THETA = 1e-6, 10000.0  # LlamaConfig's defaults, which the domain decoder keeps (a test compares)
+# Both decoder builds use these: RMS_EPS is passed to LlamaConfig; ROPE_THETA is its default rope
+# (tests/test_decode_step.py checks that both give the same ids).
+RMS_EPS, ROPE_THETA = 1e-6, 10000.0
 
 
 def _max_positions(cfg: DecoderConfig) -> int:
@@ -156,7 +158,7 @@ class DomainDecoder(Pretrained, FrozenLM):
                 vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
                 num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
                 num_key_value_heads=cfg.num_heads, max_position_embeddings=_max_positions(cfg),
-                tie_word_embeddings=True,
+                tie_word_embeddings=True, rms_norm_eps=RMS_EPS,  # rope: LlamaConfig's default, ROPE_THETA
                 bos_token_id=BOS, eos_token_id=None, pad_token_id=0,
             ))
         # The unconditional prompt the LM is pretrained with; the injector starts from it.
