@@ -14,7 +14,7 @@ Runs the real CLI in subprocesses, then reads each run's accounting from DuckDB:
    the ratio of our end-to-end wall time to its raw sample time is reported.
 Peak RSS is sampled every 0.2 s over the CLI's whole process tree (main + worker processes):
 reported as the largest single process and the largest sum.
-Writes reports/benchmarks/generate_<domain>_<n>.{json,md}.
+Writes reports/benchmarks/generate_<domain>_<n>_<intel|amd>.{json,md} (one per CPU kind).
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import duckdb  # noqa: E402
 import psutil  # noqa: E402
 
-from benchmarks.machine import header, machine_info  # noqa: E402
+from benchmarks.machine import cpu_vendor, header, machine_info  # noqa: E402
 from factory.domain import load_domain  # noqa: E402
 from factory.store import ATTEMPT_KEY  # noqa: E402
 
@@ -196,7 +196,7 @@ def main():
         result["matrix"] = matrix
         result["startup"] = startup(tmp / "startup", args.domain)
     REPORTS.mkdir(parents=True, exist_ok=True)
-    stem = f"generate_{args.domain}_{args.n}"
+    stem = f"generate_{args.domain}_{args.n}_{cpu_vendor()}"  # one report per CPU kind
     (REPORTS / f"{stem}.json").write_text(json.dumps(result, indent=1))
     md = header(f"`factory generate --domain {args.domain} -n {args.n:,}`", "python benchmarks/generate.py "
                 + " ".join(sys.argv[1:]), info)

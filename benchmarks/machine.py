@@ -28,6 +28,18 @@ def machine_info() -> dict:
             "commit": commit + ("+dirty" if dirty else ""), "load_avg_1m": round(os.getloadavg()[0], 2)}
 
 
+def cpu_vendor() -> str:
+    """'intel', 'amd' or 'cpu': names per-CPU-kind benchmark reports (the two kinds of this project's machines)."""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("vendor_id"):
+                v = line.split(":", 1)[1].strip()
+                return {"GenuineIntel": "intel", "AuthenticAMD": "amd"}.get(v, "cpu")
+    except OSError:
+        pass
+    return "cpu"
+
+
 def header(title: str, command: str, info: dict) -> str:
     return (f"# {title}\n\n- date: {info['date']}\n- machine: {info['cores']} cores, {info['cpu']}, "
             f"{info['memory_gib']} GiB RAM, Python {info['python']}\n- commit: {info['commit']}\n"
