@@ -7,7 +7,8 @@ enough support not to be chance:
 - ordering between numeric columns, a <= b (`AtMost` / `AtLeast`, oriented so that the column
   written later is the bounded one);
 - null patterns: B is null exactly when A is null or takes certain values (`MustBeNull` and
-  `MustNotBeNull`, null usable as a condition value);
+  `MustNotBeNull`, each mined with its own support and test, null usable as a condition value;
+  a hand-written domain can state both directions as one `NullExactlyWhen`);
 - category implications, A = x => B in S (`Implies`, among columns with few categories);
 - sums and differences, c = a + b, c = a - b, c = a + b + d, and c = a, within a cent (`SumOf`:
   the target, the column written last, can be derived);

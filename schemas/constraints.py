@@ -171,6 +171,23 @@ class MustNotBeNull(_NullPattern):
         return ~self.condition() | pl.col(self.column).is_not_null()
 
 
+@dataclass(frozen=True)
+class NullExactlyWhen(_NullPattern):
+    """`column` is null exactly when column `when` takes one of `values` (None: when `when` is
+    null), and present otherwise: a MustBeNull and its complementary MustNotBeNull as one relation,
+    so one rule ("b is present exactly when a is x" is `NullExactlyWhen("b", "a", ("x",), invert=True)`)."""
+
+    def _name(self):
+        return f"{self.column}_null_iff_{self.when}_{'not_' if self.invert else ''}{_short_values(self.values)}"
+
+    def _message(self):
+        return (f"{self.column} must be null exactly when {self.when} is "
+                f"{'not ' if self.invert else ''}{_values_text(self.values)}")
+
+    def _expr(self):
+        return pl.col(self.column).is_null() == self.condition()
+
+
 # ---- categories --------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Implies(_Relation):
@@ -514,9 +531,9 @@ class SumOf(_Relation):
         return AtLeastExpr(last, rest_sum - maximum, name=f"{self.target}_at_most_train_max")
 
 
-DecodeConstraint = (MustBeNull | MustNotBeNull | Implies | Determines | Range | RangeBy | AtMost | AtLeast
+DecodeConstraint = (MustBeNull | MustNotBeNull | NullExactlyWhen | Implies | Determines | Range | RangeBy | AtMost | AtLeast
                     | AtMostExpr | AtLeastExpr | SumOf)
-KINDS = {k.__name__: k for k in (MustBeNull, MustNotBeNull, Implies, Determines, Range, RangeBy, AtMost, AtLeast,
+KINDS = {k.__name__: k for k in (MustBeNull, MustNotBeNull, NullExactlyWhen, Implies, Determines, Range, RangeBy, AtMost, AtLeast,
                                  AtMostExpr, AtLeastExpr, SumOf)}
 
 
@@ -570,7 +587,7 @@ def _from_jsonable(name, v, kind=""):
         if not isinstance(v, list):
             raise ValueError("must be a list")
         return tuple(v)
-    if name == "when" and kind not in ("MustBeNull", "MustNotBeNull"):
+    if name == "when" and kind not in ("MustBeNull", "MustNotBeNull", "NullExactlyWhen"):
         return v  # None: no condition
     if name in ("column", "when", "other", "if_column", "then_column", "source", "target", "by"):
         if not isinstance(v, str) or not v:

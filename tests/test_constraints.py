@@ -13,7 +13,7 @@ from factory.rules import Validator
 from real_tables import flights, penguins, spec_for, typed
 from schemas.columns import Categorical, Numeric, TableSpec
 from schemas.constraints import (AtLeast, AtLeastExpr, AtMost, AtMostExpr, Determines, Implies, MustBeNull,
-                                 MustNotBeNull, Range, RangeBy, SumOf, constraint_from_json)
+                                 MustNotBeNull, NullExactlyWhen, Range, RangeBy, SumOf, constraint_from_json)
 
 torch.set_num_threads(1)
 
@@ -47,6 +47,8 @@ def _constraints():
         MustBeNull("sex", "bill_length_mm", (None,)),
         MustNotBeNull("sex", "island", ("Dream",)),
         MustNotBeNull("body_mass_g", "bill_length_mm", (None,), invert=True),  # present when bill_length is
+        NullExactlyWhen("body_mass_g", "bill_length_mm", (None,)),  # both directions, one rule
+        NullExactlyWhen("sex", "island", ("Dream",), invert=True),  # false of the table: exercises the mask
         Range("bill_depth_mm", 15.0, 18.5),
         Range("mass_vs_4200", -900, 300),  # a negative range
         RangeBy("flipper_length_mm", "species", {"Adelie": (170, 200), "Gentoo": (205, 230)}),
@@ -63,6 +65,7 @@ def _constraints():
 
 TRUE_OF_THE_TABLE = {
     "island_Biscoe_if_species_Gentoo", "sex_null_if_bill_length_mm_null", "body_mass_g_present_if_bill_length_mm_not_null", "bill_depth_mm_at_most_bill_length_mm",
+    "body_mass_g_null_iff_bill_length_mm_null",
     "body_mass_g_at_least_flipper_length_mm_when_island_Biscoe", "species_code_determined_by_species",
     "species_id_determined_by_species", "island_initial_determined_by_island",
     "bill_sum_is_bill_length_mm_plus_bill_depth_mm", "bill_length_mm_is_bill_sum_minus_bill_depth_mm"}
@@ -362,25 +365,51 @@ def test_a_derived_sum_is_capped_at_its_train_max_through_its_last_term():
     assert capped["spread"].max() <= train["spread"].max() + 1e-9
 
 
-def test_finance_mirrors_are_the_same_relation_as_their_rules(finance):
-    """Finance writes these relations twice (a Rule and a decode constraint). The constraint's own
-    rule() rejects exactly the rows the hand-written Rule rejects, on a scrambled train split where
-    most rows break them, so one declaration could replace both (finance keeps its RULES as they
-    are, so its rule_set_hash and the shipped stack stay unchanged)."""
+# Finance's relations as it wrote them by hand before each was declared once (a Rule beside a
+# decode-constraint mirror); the reference for the constraints' own rules.
+_JOINT = pl.col("application_type") == "joint"
+_HAND_WRITTEN = {
+    "joint_income_iff_joint": pl.col("annual_income_joint").is_not_null() == _JOINT,
+    "joint_dti_iff_joint": pl.col("debt_to_income_joint").is_not_null() == _JOINT,
+    "joint_verification_only_if_joint": _JOINT | pl.col("verification_income_joint").is_null(),
+    "individual_has_dti": _JOINT | pl.col("debt_to_income").is_not_null(),
+    "open_lines_within_total": pl.col("open_credit_lines") <= pl.col("total_credit_lines"),
+    # the hand-written one also excused individual rows; with joint_income_iff_joint they hold alike
+    "joint_income_covers_applicant": (~_JOINT | (pl.col("annual_income_joint") >= pl.col("annual_income")))
+    & (pl.col("annual_income_joint").is_not_null() == _JOINT),
+}
+
+
+def test_finance_declares_each_masked_relation_once(finance):
+    """Every decode constraint on stored columns is one of the domain's rules (by object: the rule
+    is the constraint's own), and no rule is written twice."""
+    names = [r.name for r in finance.rules]
+    assert len(names) == len(set(names))
+    latent = set(finance.spec.latent_names)
+    stored = [c for c in finance.decode_constraints if not latent & set(c.columns)]
+    assert len(stored) == 7
+    for c in stored:
+        r = c.rule()
+        mine = next(x for x in finance.rules if x.name == r.name)  # StopIteration: a mask without its rule
+        assert mine.message == r.message and str(mine.expr) == str(r.expr)
+
+
+def test_finance_relations_judge_rows_as_the_hand_written_rules_did(finance):
+    """On a scrambled train split, where most rows break them, each relation's rule (and the
+    rate band) rejects exactly the rows the hand-written rule rejected."""
+    from domains.finance.schema import RATE_BANDS
+
     by_rule = {r.name: r for r in finance.rules}
-    dc = finance.decode_constraints
-    same = {
-        "joint_income_iff_joint": [dc[0], dc[1]],
-        "joint_dti_iff_joint": [dc[2], dc[3]],
-        "joint_verification_only_if_joint": [dc[4]],
-        "individual_has_dti": [dc[5]],
-        "open_lines_within_total": [dc[7]],
-        "interest_rate_in_sub_grade_band": [dc[8]],
-    }
+    lo = pl.col("sub_grade").replace_strict({k: v[0] for k, v in RATE_BANDS.items()}, default=None, return_dtype=pl.Float64)
+    hi = pl.col("sub_grade").replace_strict({k: v[1] for k, v in RATE_BANDS.items()}, default=None, return_dtype=pl.Float64)
+    reference = dict(_HAND_WRITTEN, interest_rate_in_sub_grade_band=pl.col("interest_rate").is_between(lo, hi))
     train = finance.load_split("train")
     scrambled = train.with_columns(train[c].shuffle(seed=i) for i, c in enumerate(train.columns))
-    for name, cs in same.items():
-        ours = scrambled.select(pl.all_horizontal([c.rule().expr.fill_null(False) for c in cs])).to_series()
-        theirs = scrambled.select(by_rule[name].expr.fill_null(False)).to_series()
+    for name, expr in reference.items():
+        ours = by_rule[name].expr
+        if name == "joint_income_covers_applicant":
+            ours = ours & by_rule["joint_income_iff_joint"].expr
+        ours = scrambled.select(ours.fill_null(False)).to_series()
+        theirs = scrambled.select(expr.fill_null(False)).to_series()
         assert (~theirs).sum() > 10, name  # the scramble breaks the relation (dti is rarely null: 17 rows)
         assert ours.equals(theirs, check_names=False), name

@@ -14,7 +14,7 @@ import polars as pl
 from factory.rules import Rule
 from schemas.checks import amortized_installment, scheduled_principal, within
 from schemas.columns import Categorical, Numeric, TableSpec
-from schemas.constraints import AtLeast, AtLeastExpr, AtMost, AtMostExpr, MustBeNull, MustNotBeNull, RangeBy
+from schemas.constraints import AtLeast, AtLeastExpr, AtMost, AtMostExpr, MustBeNull, MustNotBeNull, NullExactlyWhen, RangeBy
 
 HERE = Path(__file__).parent
 
@@ -85,12 +85,29 @@ SPEC = TableSpec((
     Numeric("balance", 0, 40_000, decimals=2, derived=True, description="outstanding principal"),
 ))
 
-joint = pl.col("application_type") == "joint"
 _amort = amortized_installment(pl.col("loan_amount"), pl.col("interest_rate"), pl.col("term"))
-_band_lo = pl.col("sub_grade").replace_strict({k: v[0] for k, v in RATE_BANDS.items()}, default=None, return_dtype=pl.Float64)
-_band_hi = pl.col("sub_grade").replace_strict({k: v[1] for k, v in RATE_BANDS.items()}, default=None, return_dtype=pl.Float64)
 _paid_sum = pl.col("paid_principal") + pl.col("paid_interest") + pl.col("paid_late_fees")
 _outstanding = pl.col("loan_amount") - pl.col("paid_principal")
+
+# The relations the decoder's token mask also enforces, each declared once: one object yields its
+# mask (factory/difflm/tokenizer.py) and its rule (`.rule()`, listed in RULES below).
+RATE_BAND = RangeBy("interest_rate", "sub_grade", RATE_BANDS, name="interest_rate_in_sub_grade_band",
+                    message="interest_rate must lie in the rate band of its sub_grade")
+JOINT_INCOME = NullExactlyWhen("annual_income_joint", "application_type", ("joint",), invert=True,
+                               name="joint_income_iff_joint",
+                               message="annual_income_joint is present exactly when application_type is joint")
+JOINT_DTI = NullExactlyWhen("debt_to_income_joint", "application_type", ("joint",), invert=True,
+                            name="joint_dti_iff_joint",
+                            message="debt_to_income_joint is present exactly when application_type is joint")
+JOINT_VERIFICATION = MustBeNull("verification_income_joint", "application_type", ("individual",),
+                                name="joint_verification_only_if_joint",
+                                message="verification_income_joint must be null for individual applications")
+JOINT_COVERS = AtLeast("annual_income_joint", "annual_income", name="joint_income_covers_applicant",
+                       message="annual_income_joint must be at least the applicant's annual_income")
+INDIVIDUAL_DTI = MustNotBeNull("debt_to_income", "application_type", ("individual",), name="individual_has_dti",
+                               message="individual applications must state debt_to_income")
+OPEN_LINES = AtMost("open_credit_lines", "total_credit_lines", name="open_lines_within_total",
+                    message="open_credit_lines must not exceed total_credit_lines")
 
 RULES = [
     Rule("grade_matches_sub_grade", "grade must be the first letter of sub_grade",
@@ -98,20 +115,14 @@ RULES = [
     Rule("installment_matches_amortization",
          "installment must equal the amortized payment of loan_amount at interest_rate over term, within a cent",
          within(pl.col("installment"), _amort, CENT)),
-    Rule("interest_rate_in_sub_grade_band", "interest_rate must lie in the rate band of its sub_grade",
-         pl.col("interest_rate").is_between(_band_lo, _band_hi)),
-    Rule("joint_income_iff_joint", "annual_income_joint is present exactly when application_type is joint",
-         pl.col("annual_income_joint").is_not_null() == joint),
-    Rule("joint_dti_iff_joint", "debt_to_income_joint is present exactly when application_type is joint",
-         pl.col("debt_to_income_joint").is_not_null() == joint),
-    Rule("joint_verification_only_if_joint", "verification_income_joint must be null for individual applications",
-         joint | pl.col("verification_income_joint").is_null()),
-    Rule("joint_income_covers_applicant", "annual_income_joint must be at least the applicant's annual_income",
-         ~joint | (pl.col("annual_income_joint") >= pl.col("annual_income"))),
-    Rule("individual_has_dti", "individual applications must state debt_to_income",
-         joint | pl.col("debt_to_income").is_not_null()),
-    Rule("open_lines_within_total", "open_credit_lines must not exceed total_credit_lines",
-         pl.col("open_credit_lines") <= pl.col("total_credit_lines")),
+    RATE_BAND.rule(),
+    JOINT_INCOME.rule(),
+    JOINT_DTI.rule(),
+    JOINT_VERIFICATION.rule(),
+    JOINT_COVERS.rule(),
+    INDIVIDUAL_DTI.rule(),
+    OPEN_LINES.rule(),
+    # the rest hold on derived columns, which `derive` computes after decoding (no mask)
     Rule("paid_principal_within_amount", "paid_principal must not exceed loan_amount",
          pl.col("paid_principal") <= pl.col("loan_amount")),
     Rule("paid_total_is_sum", "paid_total must equal paid_principal + paid_interest + paid_late_fees, within a cent",
@@ -145,19 +156,12 @@ _scheduled_interest = (pl.when(pl.col("loan_status") == "Fully Paid").then(0.0)
                        .otherwise(_interest_after(pl.col("payments_made"))))
 MAX_PAYMENTS = 60
 
-# What schema-guided decoding enforces while a record is written (each mirrors a rule
-# above, which still checks every record). A small LM gets these relations mostly
-# right on its own; the mask makes them exact instead of leaving them to rejection.
+# What schema-guided decoding enforces while a record is written: the relations above, and bounds
+# on the latent columns (which are never stored, so they have no rule; the rules on the derived
+# paid amounts check what they produce). A small LM gets these relations mostly right on its own;
+# the mask makes them exact instead of leaving them to rejection.
 DECODE_CONSTRAINTS = [
-    MustBeNull("annual_income_joint", "application_type", ("individual",)),
-    MustNotBeNull("annual_income_joint", "application_type", ("joint",)),
-    MustBeNull("debt_to_income_joint", "application_type", ("individual",)),
-    MustNotBeNull("debt_to_income_joint", "application_type", ("joint",)),
-    MustBeNull("verification_income_joint", "application_type", ("individual",)),
-    MustNotBeNull("debt_to_income", "application_type", ("individual",)),
-    AtLeast("annual_income_joint", "annual_income"),
-    AtMost("open_credit_lines", "total_credit_lines"),
-    RangeBy("interest_rate", "sub_grade", RATE_BANDS),
+    JOINT_INCOME, JOINT_DTI, JOINT_VERIFICATION, INDIVIDUAL_DTI, JOINT_COVERS, OPEN_LINES, RATE_BAND,
     RangeBy("payments_made", "term", {36: (0, 36), 60: (0, 60)}),
     # paid_principal <= loan_amount: principal beyond the schedule is at most what the schedule leaves
     AtMostExpr("principal_extra", pl.col("loan_amount") - _scheduled),
