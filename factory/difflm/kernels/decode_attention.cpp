@@ -35,6 +35,8 @@ struct BF16 {
 };
 
 constexpr int64_t MAX_T = 1024;
+constexpr int64_t LINE = 64;           // bytes per cache line
+constexpr int64_t PREFETCH_AHEAD = 2;  // (row, head) pairs ahead whose cache rows are prefetched
 
 // Row b, head h: q, k, v at q + b * q_stride + h * HD (likewise k, v). Writes k into K [BH, Tmax, HD]
 // and v into V [BH, Tmax, HD] at position t - 1, then attends over positions [0, t): it reads 2 t
@@ -54,6 +56,15 @@ void attend(const typename P::T* q, const typename P::T* k, const typename P::T*
     const typename P::T* vi = v + b * v_stride + hh * HD;
     typename P::T* Ki = K + i * Tmax * HD;
     typename P::T* Vi = V + i * Tmax * HD;
+    if (i + PREFETCH_AHEAD < B * heads) {  // a later (row, head)'s cache rows [0, t): contiguous bytes
+      const char* Kn = reinterpret_cast<const char*>(K + (i + PREFETCH_AHEAD) * Tmax * HD);
+      const char* Vn = reinterpret_cast<const char*>(V + (i + PREFETCH_AHEAD) * Tmax * HD);
+      const int64_t bytes = t * HD * static_cast<int64_t>(sizeof(typename P::T));
+      for (int64_t off = 0; off < bytes; off += LINE) {
+        __builtin_prefetch(Kn + off, 1, 3);  // for writing: position t - 1 is stored there
+        __builtin_prefetch(Vn + off, 1, 3);
+      }
+    }
     for (int d = 0; d < HD; ++d) Ki[(t - 1) * HD + d] = ki[d];
     for (int d = 0; d < HD; ++d) Vi[(t - 1) * HD + d] = vi[d];
     alignas(64) float qscaled[HD];
