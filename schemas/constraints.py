@@ -123,7 +123,7 @@ _NAMING = dict(kw_only=True, default="", compare=False)  # optional overrides of
 # ---- null patterns ---------------------------------------------------------------------------
 @dataclass(frozen=True)
 class _NullPattern(_Relation):
-    """What MustBeNull and MustNotBeNull share: `column`'s nullness is fixed whenever column `when`
+    """What MustBeNull, MustNotBeNull and NullExactlyWhen share: `column`'s nullness is fixed whenever column `when`
     takes one of `values` (None: when `when` is null), or with `invert` whenever it does not."""
 
     column: str
@@ -132,6 +132,8 @@ class _NullPattern(_Relation):
     invert: bool = field(default=False, kw_only=True)  # the condition is "when is NOT one of values"
     name: str = field(**_NAMING)
     message: str = field(**_NAMING)
+    _word: ClassVar[str]  # in the rule's name
+    _text: ClassVar[str]  # in its message
 
     @property
     def columns(self):
@@ -141,16 +143,19 @@ class _NullPattern(_Relation):
         hit = is_in(self.when, self.values)
         return ~hit if self.invert else hit
 
+    def _name(self):
+        return f"{self.column}_{self._word}_{self.when}_{'not_' if self.invert else ''}{_short_values(self.values)}"
+
+    def _message(self):
+        return f"{self.column} {self._text} {self.when} is {'not ' if self.invert else ''}{_values_text(self.values)}"
+
 
 @dataclass(frozen=True)
 class MustBeNull(_NullPattern):
     """`column` is null whenever column `when` takes one of `values` (None: when `when` is null)."""
 
-    def _name(self):
-        return f"{self.column}_null_if_{self.when}_{'not_' if self.invert else ''}{_short_values(self.values)}"
-
-    def _message(self):
-        return f"{self.column} must be null when {self.when} is {'not ' if self.invert else ''}{_values_text(self.values)}"
+    _word: ClassVar[str] = "null_if"
+    _text: ClassVar[str] = "must be null when"
 
     def _expr(self):
         return ~self.condition() | pl.col(self.column).is_null()
@@ -160,12 +165,8 @@ class MustBeNull(_NullPattern):
 class MustNotBeNull(_NullPattern):
     """`column` is present whenever column `when` takes one of `values` (None: when `when` is null)."""
 
-    def _name(self):
-        return f"{self.column}_present_if_{self.when}_{'not_' if self.invert else ''}{_short_values(self.values)}"
-
-    def _message(self):
-        return (f"{self.column} must not be null when {self.when} is "
-                f"{'not ' if self.invert else ''}{_values_text(self.values)}")
+    _word: ClassVar[str] = "present_if"
+    _text: ClassVar[str] = "must not be null when"
 
     def _expr(self):
         return ~self.condition() | pl.col(self.column).is_not_null()
@@ -177,12 +178,8 @@ class NullExactlyWhen(_NullPattern):
     null), and present otherwise: a MustBeNull and its complementary MustNotBeNull as one relation,
     so one rule ("b is present exactly when a is x" is `NullExactlyWhen("b", "a", ("x",), invert=True)`)."""
 
-    def _name(self):
-        return f"{self.column}_null_iff_{self.when}_{'not_' if self.invert else ''}{_short_values(self.values)}"
-
-    def _message(self):
-        return (f"{self.column} must be null exactly when {self.when} is "
-                f"{'not ' if self.invert else ''}{_values_text(self.values)}")
+    _word: ClassVar[str] = "null_iff"
+    _text: ClassVar[str] = "must be null exactly when"
 
     def _expr(self):
         return pl.col(self.column).is_null() == self.condition()
