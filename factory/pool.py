@@ -154,7 +154,7 @@ class WorkerPool:
                 if reported and not done:
                     on_progress(not_stored(), stored_changed=False)
                 for fut in sorted(done, key=lambda f: pending[f].shard):
-                    pending.pop(fut)
+                    state = pending.pop(fut)
                     result = fut.result()
                     store_batch(store, domain, plan, result.records, result.rejections, result.state,
                                 result.complete, lambda: on_progress(not_stored()), result.worker)
