@@ -47,7 +47,7 @@ from benchmarks.machine import header, machine_info  # noqa: E402
 from factory.difflm.tokenizer import BOS, NULL, PAD, SchemaTokenizer  # noqa: E402
 from factory.domain import load_domain  # noqa: E402
 from schemas.columns import Categorical  # noqa: E402
-from schemas.constraints import AtLeast, AtMost, MustBeNull, MustNotBeNull, RangeBy  # noqa: E402
+from schemas.constraints import NULL_PATTERNS, AtLeast, AtMost, RangeBy  # noqa: E402
 
 REPORTS = Path(__file__).resolve().parent.parent / "reports" / "benchmarks"
 BATCHES = (1, 100, 2000)
@@ -163,7 +163,7 @@ def build_grammar(tok: SchemaTokenizer, constraints) -> tuple[dict, list]:
     """Rules {name: node} ("root" first) equivalent to the record format, and the constraints left out."""
     spec, cols, names = tok.spec, tok.columns, vocab_strings(tok)
     n_chunks = {s.column: s.n_chunks for s in tok.slots}
-    nulls = [c for c in constraints if isinstance(c, (MustBeNull, MustNotBeNull))]
+    nulls = [c for c in constraints if isinstance(c, NULL_PATTERNS)]
     bands = {c.column: c for c in constraints if isinstance(c, RangeBy)}
     left_out = [c for c in constraints if isinstance(c, (AtMost, AtLeast))]
     whens = {c.when for c in nulls}
@@ -229,8 +229,9 @@ def build_grammar(tok: SchemaTokenizer, constraints) -> tuple[dict, list]:
     for v, tid in tok.cat_ids[when].items():
         force = {}
         for c in nulls:
-            if v in c.values:
-                force[c.column] = "null" if isinstance(c, MustBeNull) else "notnull"
+            forced = c.on_hit if (v in c.values) != c.invert else c.on_miss
+            if forced is not None:
+                force[c.column] = "null" if forced == "null" else "notnull"
         name = f"after_{when}_{v}".replace(" ", "_")
         rules[name] = Seq(columns(w + 1, force, str(v).replace(" ", "_")))
         alts.append(Seq([Lit(names[tid]), Ref(name)]))

@@ -134,6 +134,10 @@ class _NullPattern(_Relation):
     message: str = field(**_NAMING)
     _word: ClassVar[str]  # in the rule's name
     _text: ClassVar[str]  # in its message
+    # what the relation makes of `column` on rows where the condition holds, and where it does not
+    # ("null", "present", or None: free); the mask (factory/difflm/tokenizer.py) reads these
+    on_hit: ClassVar[str]
+    on_miss: ClassVar[str | None] = None
 
     @property
     def columns(self):
@@ -156,6 +160,7 @@ class MustBeNull(_NullPattern):
 
     _word: ClassVar[str] = "null_if"
     _text: ClassVar[str] = "must be null when"
+    on_hit: ClassVar[str] = "null"
 
     def _expr(self):
         return ~self.condition() | pl.col(self.column).is_null()
@@ -167,6 +172,7 @@ class MustNotBeNull(_NullPattern):
 
     _word: ClassVar[str] = "present_if"
     _text: ClassVar[str] = "must not be null when"
+    on_hit: ClassVar[str] = "present"
 
     def _expr(self):
         return ~self.condition() | pl.col(self.column).is_not_null()
@@ -180,9 +186,14 @@ class NullExactlyWhen(_NullPattern):
 
     _word: ClassVar[str] = "null_iff"
     _text: ClassVar[str] = "must be null exactly when"
+    on_hit: ClassVar[str] = "null"
+    on_miss: ClassVar[str] = "present"
 
     def _expr(self):
         return pl.col(self.column).is_null() == self.condition()
+
+
+NULL_PATTERNS = (MustBeNull, MustNotBeNull, NullExactlyWhen)  # every kind that fixes a column's nullness
 
 
 # ---- categories --------------------------------------------------------------------------------
@@ -584,7 +595,7 @@ def _from_jsonable(name, v, kind=""):
         if not isinstance(v, list):
             raise ValueError("must be a list")
         return tuple(v)
-    if name == "when" and kind not in ("MustBeNull", "MustNotBeNull", "NullExactlyWhen"):
+    if name == "when" and kind not in {k.__name__ for k in NULL_PATTERNS}:
         return v  # None: no condition
     if name in ("column", "when", "other", "if_column", "then_column", "source", "target", "by"):
         if not isinstance(v, str) or not v:

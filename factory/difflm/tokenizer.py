@@ -25,10 +25,11 @@ import polars as pl
 import torch
 
 from schemas.columns import Categorical, Numeric, TableSpec
-from schemas.constraints import (AtLeast, AtLeastExpr, AtMost, AtMostExpr, Determines, Implies, MustBeNull,
-                                 MustNotBeNull, NullExactlyWhen, Range, RangeBy, SumOf)
+from schemas.constraints import (NULL_PATTERNS, AtLeast, AtLeastExpr, AtMost, AtMostExpr, Determines, Implies,
+                                 Range, RangeBy, SumOf)
 
 PAD, BOS, NULL = 0, 1, 2
+FORCE = {"null": 1, "present": 2}  # a row's forced nullness in the mask state (0: free)
 N_SPECIAL = 3
 BASE = 100
 
@@ -282,13 +283,11 @@ class SchemaTokenizer:
             allow = torch.where(rows[:, None], allow & ids_mask, allow)
 
         for c in self.constraints.get(name, ()):
-            if isinstance(c, (MustBeNull, MustNotBeNull, NullExactlyWhen)):
+            if isinstance(c, NULL_PATTERNS):
                 hit = self._hit(c.when, c.values, state)
                 hit = ~hit if c.invert else hit
-                if isinstance(c, NullExactlyWhen):  # null on a hit, present on every other row
-                    force = torch.where(hit, 1, 2).to(torch.int8)
-                else:
-                    force = torch.where(hit, 1 if isinstance(c, MustBeNull) else 2, force).to(torch.int8)
+                miss = force if c.on_miss is None else FORCE[c.on_miss]
+                force = torch.where(hit, FORCE[c.on_hit], miss).to(torch.int8)
             elif isinstance(c, Implies):
                 hit = self._hit(c.if_column, c.if_values, state)
                 if not isinstance(col, Categorical) or set(c.then_values) == {None}:
@@ -547,7 +546,7 @@ def mask_plan(c, spec: TableSpec, order: dict[str, int]) -> tuple[str, list[str]
         condition(c.if_column, c.if_values)
         if not (isinstance(spec[column], Categorical) or set(c.then_values) == {None}):
             raise ValueError(f"decode constraint {c}: {column!r} must be categorical (or then_values (None,))")
-    elif isinstance(c, (MustBeNull, MustNotBeNull, NullExactlyWhen)):
+    elif isinstance(c, NULL_PATTERNS):
         column, deps = c.column, [c.when]
         condition(c.when, c.values)
     elif isinstance(c, Range):
