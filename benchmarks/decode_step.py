@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from benchmarks.machine import header, machine_info  # noqa: E402
-from factory.difflm import attention  # noqa: E402
+from factory.difflm import fused  # noqa: E402
 from factory.difflm.decoder import DomainDecoder  # noqa: E402
 from factory.domain import load_domain  # noqa: E402
 from factory.generators import load_generator  # noqa: E402
@@ -47,7 +47,7 @@ def main():
     full = DomainDecoder.from_pretrained(gen.path / "decoder").freeze()
     # one decoder per precision: converting one model back and forth would round its float32 weights
     decoders = {p: copy.deepcopy(full).to_precision(p) for p in ("float32", "bfloat16")}
-    fused = attention.implementation()
+    kernels = fused.implementation()
     with torch.no_grad():
         prompt = gen.inj(gen.sample_latents(args.batch, torch.Generator().manual_seed(0)))
     variants = [v.split(":") for v in args.variants.split(",")]
@@ -58,7 +58,7 @@ def main():
             dec = decoders[prec]
             step_impl = "transformers" if impl == "transformers" else "fast"
             if impl.startswith("fast"):
-                dec.decode_step().attention = "sdpa" if impl == "fast-sdpa" else fused
+                dec.decode_step().attention = "sdpa" if impl == "fast-sdpa" else kernels
             t = time.perf_counter()
             out = dec.generate(prompt, gen.tok, torch.Generator().manual_seed(1), impl=step_impl)
             times[f"{impl}:{prec}"].append(time.perf_counter() - t)
@@ -67,7 +67,7 @@ def main():
     same = {k: float((v == ids[f"transformers:{k.split(':')[1]}"]).all(1).float().mean())
             for k, v in ids.items() if not k.startswith("transformers")}
     load = os.getloadavg()[0]
-    result = {"machine": info, "batch": args.batch, "reps": args.reps, "fused_attention": fused, "seconds": times,
+    result = {"machine": info, "batch": args.batch, "reps": args.reps, "fused_attention": kernels, "seconds": times,
               "median_s": med, "records_per_s_one_core": {k: round(args.batch / v, 1) for k, v in med.items()},
               "rows_equal_to_transformers_same_precision": same, "load_average_at_end": load}
     REPORTS.mkdir(parents=True, exist_ok=True)
@@ -75,7 +75,7 @@ def main():
     base = med.get("transformers:float32")
     md = header("decoder sampling loop: transformers forward vs DecodeStep", "python benchmarks/decode_step.py "
                 + " ".join(sys.argv[1:]), info)
-    md += (f"\nOne thread, batch {args.batch}, {args.reps} interleaved reps (median), fused attention: {fused}; "
+    md += (f"\nOne thread, batch {args.batch}, {args.reps} interleaved reps (median), fused kernels: {kernels}; "
            f"load average at the end {load:.2f} (other jobs share the 2 cores: compare rows of this table, "
            "not with other runs).\n\n| variant | median s / batch | records/s (1 core) | vs transformers fp32 "
            "| rows identical to transformers (same precision) |\n|---|---|---|---|---|\n")

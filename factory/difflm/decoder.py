@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import POSITIVE, Pretrained
+from .fused import KVCache, add_rms_norm, decode_attention, gumbel_argmax, implementation, silu_mul
 from .tokenizer import BOS, SchemaTokenizer
 
 
@@ -241,6 +242,7 @@ class DomainDecoder(Pretrained, FrozenLM):
                                         position_ids=torch.tensor([[p]], device=dev)).logits[:, -1]
         else:
             raise ValueError(f"impl must be fast or transformers, got {impl!r}")
+        sample_impl = run.attention if impl == "fast" else "sdpa"  # the reference path samples in aten ops
         state = tokenizer.init_state(B)
         last_narrowed = max((t for t, sl in enumerate(tokenizer.slots) if sl.column in (narrowing or {})), default=-1)
         tokens = []
@@ -271,8 +273,8 @@ class DomainDecoder(Pretrained, FrozenLM):
             if min_p > 0:  # p / p_max < min_p  <=>  logit < max logit + log(min_p)
                 logits = logits.masked_fill(logits < logits.amax(-1, keepdim=True) + log_min_p, float("-inf"))
             # Gumbel-max: one pass, no normalization, same distribution as multinomial.
-            u = torch.rand(logits.shape, generator=generator, device=dev).clamp_(1e-10, 1.0)
-            nxt = (logits - torch.log(-torch.log(u))).argmax(-1)
+            u = torch.rand(logits.shape, generator=generator, device=dev)
+            nxt = gumbel_argmax(logits.contiguous(), u, sample_impl)
             state = tokenizer.advance(t, state, nxt)
             tokens.append(nxt)
             if t + 1 < tokenizer.length:
@@ -335,18 +337,19 @@ class DecodeStep:
     transformers' forward over a StaticCache attends to every slot of the cache with a mask, copies
     the new keys through index_copy and builds masks and rotary tables each step: 43% of generation
     time in its SDPA at 56-token records (py-spy), more than all the matrix products. Here:
-    - one pre-allocated cache per run, keys stored transposed [B, heads, head_dim, T] so the fused
-      attention loop (factory/difflm/attention.py) reads them along positions;
-    - attention over the t cached positions only;
-    - q, k, v and their rotate_half images in one matrix product (the rotation folded into extra
-      weight rows: exact, a negation and a permutation), gate and up in one, rotary tables built once.
-    The maths is transformers' LlamaDecoderLayer op for op (RMSNorm in float32, residual adds in
-    the model dtype); tests/test_decode_step.py checks logits and sampled ids against it.
+    - one pre-allocated cache per run (`fused.KVCache`: int8 for bf16 on CPU, else the model dtype);
+    - q, k, v in one matrix product, gate and up in one, rotary tables built once;
+    - the work between the matrix products in three fused kernels (factory/difflm/fused.py):
+      rotary + attention over the t cached positions only, residual add + RMSNorm, SiLU * up.
+      In aten ops that work was ~30 ops per layer over [B, 128] tensors, more time than the matrix
+      products (torch.profiler, 2,000 rows, bf16: 0.70 s of aten elementwise ops vs 0.46 s of mm).
+    The maths is transformers' LlamaDecoderLayer op for op (RMSNorm in float32, each elementwise
+    result rounded to the model dtype), but for the int8 cache of bf16 runs; tests/test_decode_step.py
+    checks logits and sampled ids against it (float32), and that the int8 cache's error stays within
+    bf16's own (bf16).
     """
 
     def __init__(self, lm):
-        from .attention import implementation
-
         cfg, m = lm.config, lm.model
         self.heads = cfg.num_attention_heads
         self.hidden = cfg.hidden_size
@@ -355,19 +358,12 @@ class DecodeStep:
             raise ValueError("DecodeStep supports Llama with full multi-head attention, no biases, SiLU")
         self.eps = cfg.rms_norm_eps
         self.scale = self.head_dim ** -0.5
-        self.inter = cfg.intermediate_size
-        h, hd = self.heads, self.head_dim
-
-        def rotated(w):  # rows such that rotated(W) @ x == rotate_half(W @ x) per head
-            w = w.view(h, hd, -1)
-            return torch.cat([-w[:, hd // 2:], w[:, :hd // 2]], 1).reshape(h * hd, -1)
-
         self.layers = []
         for layer in m.layers:
             a, mlp = layer.self_attn, layer.mlp
-            q, kk, v = a.q_proj.weight, a.k_proj.weight, a.v_proj.weight
             self.layers.append((
-                layer.input_layernorm.weight, torch.cat([q, kk, v, rotated(q), rotated(kk)]).contiguous(),
+                layer.input_layernorm.weight,
+                torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]).contiguous(),
                 a.o_proj.weight, layer.post_attention_layernorm.weight,
                 torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).contiguous(), mlp.down_proj.weight))
         self.norm = m.norm.weight
@@ -375,37 +371,33 @@ class DecodeStep:
         self.dtype, self.device = self.head.dtype, self.head.device
         positions = torch.arange(cfg.max_position_embeddings, device=self.device)[None]
         cos, sin = m.rotary_emb(self.head, position_ids=positions)  # [1, P, hd] in the model dtype
-        self.cos, self.sin = cos[0].repeat(1, 2 * h), sin[0].repeat(1, 2 * h)  # [P, 2H]: q and k side by side
+        self.cos, self.sin = cos[0].contiguous(), sin[0].contiguous()
         self.attention = implementation() if self.device.type == "cpu" else "sdpa"
 
+    @property
+    def kv_cache(self) -> str:
+        """int8 for bf16 on CPU (see fused.KVCache: 10x less error than bf16's own), else the model dtype."""
+        return "int8" if self.dtype == torch.bfloat16 and self.device.type == "cpu" else str(self.dtype).split(".")[1]
+
     def start(self, batch: int, length: int) -> "DecodeStep":
-        L = len(self.layers)
-        shape = (L, batch, self.heads)
-        self.K = torch.empty(*shape, length, self.head_dim, dtype=self.dtype, device=self.device)
-        self.V = torch.empty(*shape, length, self.head_dim, dtype=self.dtype, device=self.device)
+        self.cache = KVCache(len(self.layers), batch, self.heads, length, self.head_dim, self.dtype, self.device,
+                             self.kv_cache == "int8")
         return self
 
     def select_rows(self, idx: torch.Tensor):
         """Keep rows `idx` of the running batch's cache (a resampling: rows may repeat)."""
-        self.K, self.V = self.K[:, idx], self.V[:, idx]
-
-    def _rms(self, x, w):  # transformers' LlamaRMSNorm
-        xf = x.to(torch.float32)
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return w * xf.to(x.dtype)
+        self.cache.select_rows(idx)
 
     def step(self, x: torch.Tensor, pos: int, logits: bool = True) -> torch.Tensor | None:
         """x [B, H]: the input embedding at position `pos` (earlier positions are cached). -> logits [B, V]."""
-        from .attention import decode_attention
-
-        H = self.hidden
-        cos, sin, t = self.cos[pos], self.sin[pos], pos + 1
+        impl, eps, cos, sin, t = self.attention, self.eps, self.cos[pos], self.sin[pos], pos + 1
+        d = None  # the last residual branch, added inside the next norm
         for i, (ln1, wqkv, wo, ln2, wgu, wd) in enumerate(self.layers):
-            y = F.linear(self._rms(x, ln1), wqkv)  # [B, 5H]: q, k, v, rotate_half(q), rotate_half(k)
-            qk = y[:, :2 * H] * cos + y[:, 3 * H:] * sin
-            att = decode_attention(qk[:, :H], qk[:, H:], y[:, 2 * H:3 * H], self.K[i], self.V[i], t, self.scale,
-                                   self.attention)  # also stores k, v at `pos`
-            x = x + F.linear(att, wo)
-            gu = F.linear(self._rms(x, ln2), wgu)
-            x = x + F.linear(F.silu(gu[:, :self.inter]) * gu[:, self.inter:], wd)
-        return F.linear(self._rms(x, self.norm), self.head, self.head_bias) if logits else None
+            x, h = add_rms_norm(x, d, ln1, eps, impl)
+            att = decode_attention(F.linear(h, wqkv), cos, sin, self.cache.layer(i), t, self.scale, impl)
+            x, h = add_rms_norm(x, F.linear(att, wo), ln2, eps, impl)
+            d = F.linear(silu_mul(F.linear(h, wgu), impl), wd)
+        if not logits:
+            return None
+        _, h = add_rms_norm(x, d, self.norm, eps, impl)
+        return F.linear(h, self.head, self.head_bias)

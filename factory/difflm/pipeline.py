@@ -156,7 +156,8 @@ class DiffLMGenerator:
                          "diffusion_steps": sampler.cfg.steps, "diffusion_solver": sampler.cfg.solver,
                          "device": self.device.type,
                          # fused C++ or torch SDPA: equal up to float rounding, so the run says which ran
-                         "attention": self.dec.decode_step().attention}
+                         "attention": self.dec.decode_step().attention,
+                         "kv_cache": self.dec.decode_step().kv_cache}  # int8 in bf16 runs on CPU
         # One thread: decoding is ~60 small ops per step, and on 2 shared cores a second
         # intra-op thread costs more in wake-ups than it computes (measured: cloning a
         # 2000x227 mask took 12 ms with 2 threads under load, 0.06 ms with 1).
