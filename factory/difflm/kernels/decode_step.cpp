@@ -97,6 +97,38 @@ constexpr int64_t MAX_T = 1024;
 constexpr int64_t LINE = 64;           // bytes per cache line
 constexpr int64_t PREFETCH_AHEAD = 2;  // (row, head) pairs ahead whose cache rows are prefetched
 
+// The position's rotary embedding, as transformers applies it: x * cos + rotate_half(x) * sin, each
+// product and the sum rounded to the model dtype.
+template <typename P, int HD>
+struct Rotary {
+  alignas(64) float c[HD], sn[HD];
+  Rotary(const typename P::T* cos, const typename P::T* sin) {
+    for (int d = 0; d < HD; ++d) c[d] = P::load(cos[d]), sn[d] = P::load(sin[d]);
+  }
+  void apply(const typename P::T* x, float* out) const {
+    constexpr int HALF = HD / 2;
+#pragma omp simd
+    for (int d = 0; d < HD; ++d) {
+      const float xr = d < HALF ? -P::load(x[d + HALF]) : P::load(x[d - HALF]);
+      out[d] = P::round(P::round(P::load(x[d]) * c[d]) + P::round(xr * sn[d]));
+    }
+  }
+};
+
+// s[0, t) <- exp(s - max s), in place; returns their sum.
+inline float softmax_numerators(float* s, int64_t t) {
+  float m = s[0];
+#pragma omp simd reduction(max : m)
+  for (int64_t j = 0; j < t; ++j) m = s[j] > m ? s[j] : m;
+  float z = 0.f;
+#pragma omp simd reduction(+ : z)
+  for (int64_t j = 0; j < t; ++j) {
+    s[j] = exp_poly(s[j] - m);
+    z += s[j];
+  }
+  return z;
+}
+
 // Row b, head h: q, k, v at q + b * q_stride + h * HD (likewise k, v), before the rotary embedding.
 // Rotates q and k by the position's cos, sin [HD] as transformers does (q * cos + rotate_half(q) * sin,
 // each product and the sum rounded to the model dtype), writes the rotated k into K [BH, Tmax, HD]
@@ -111,16 +143,7 @@ void attend(const typename P::T* q, const typename P::T* k, const typename P::T*
             int64_t t, float scale) {
   alignas(64) float s[MAX_T];
   alignas(64) float acc[HD];
-  alignas(64) float c[HD], sn[HD];
-  for (int d = 0; d < HD; ++d) c[d] = P::load(cos[d]), sn[d] = P::load(sin[d]);
-  constexpr int HALF = HD / 2;
-  auto rotate = [&](const typename P::T* x, float* out_) {  // x * cos + rotate_half(x) * sin
-#pragma omp simd
-    for (int d = 0; d < HD; ++d) {
-      const float xr = d < HALF ? -P::load(x[d + HALF]) : P::load(x[d - HALF]);
-      out_[d] = P::round(P::round(P::load(x[d]) * c[d]) + P::round(xr * sn[d]));
-    }
-  };
+  const Rotary<P, HD> rotary(cos, sin);
   for (int64_t i = 0; i < B * heads; ++i) {
     const int64_t b = i / heads, hh = i % heads;
     const typename P::T* qi = q + b * q_stride + hh * HD;
@@ -138,10 +161,10 @@ void attend(const typename P::T* q, const typename P::T* k, const typename P::T*
       }
     }
     alignas(64) float qscaled[HD], kr[HD];
-    rotate(ki, kr);
+    rotary.apply(ki, kr);
     for (int d = 0; d < HD; ++d) Ki[(t - 1) * HD + d] = P::store(kr[d]);
     for (int d = 0; d < HD; ++d) Vi[(t - 1) * HD + d] = vi[d];
-    rotate(qi, qscaled);
+    rotary.apply(qi, qscaled);
 #pragma omp simd
     for (int d = 0; d < HD; ++d) qscaled[d] *= scale;
     for (int64_t j = 0; j < t; ++j) {  // one key = HD contiguous values: one or two cache lines
@@ -151,15 +174,7 @@ void attend(const typename P::T* q, const typename P::T* k, const typename P::T*
       for (int d = 0; d < HD; ++d) a += qscaled[d] * P::load(kj[d]);
       s[j] = a;
     }
-    float m = s[0];
-#pragma omp simd reduction(max : m)
-    for (int64_t j = 0; j < t; ++j) m = s[j] > m ? s[j] : m;
-    float z = 0.f;
-#pragma omp simd reduction(+ : z)
-    for (int64_t j = 0; j < t; ++j) {
-      s[j] = exp_poly(s[j] - m);
-      z += s[j];
-    }
+    const float z = softmax_numerators(s, t);
 #pragma omp simd
     for (int d = 0; d < HD; ++d) acc[d] = 0.f;
     for (int64_t j = 0; j < t; ++j) {
@@ -217,17 +232,10 @@ void attend_q8(const typename P::T* q, const typename P::T* k, const typename P:
                const typename P::T* cos, const typename P::T* sin, int8_t* Kq, float* Ks, int8_t* Vq, float* Vs,
                typename P::T* out, int64_t B, int64_t heads, int64_t Tmax, int64_t t, float scale) {
   static_assert(HD % LANES == 0, "head dim: a multiple of 16");
-  constexpr int HALF = HD / 2, NV = HD / LANES;
+  constexpr int NV = HD / LANES;
   alignas(64) float s[MAX_T];
-  alignas(64) float c[HD], sn[HD], qr[HD], kr[HD], vr[HD];
-  for (int d = 0; d < HD; ++d) c[d] = P::load(cos[d]), sn[d] = P::load(sin[d]);
-  auto rotate = [&](const typename P::T* x, float* out_) {  // x * cos + rotate_half(x) * sin, as `attend`
-#pragma omp simd
-    for (int d = 0; d < HD; ++d) {
-      const float xr = d < HALF ? -P::load(x[d + HALF]) : P::load(x[d - HALF]);
-      out_[d] = P::round(P::round(P::load(x[d]) * c[d]) + P::round(xr * sn[d]));
-    }
-  };
+  alignas(64) float qr[HD], kr[HD], vr[HD];
+  const Rotary<P, HD> rotary(cos, sin);
   const int64_t tiles = (t + LANES - 1) / LANES, tile_bytes = HD * LANES;
   const int64_t j = t - 1;  // the new position
   for (int64_t i = 0; i < B * heads; ++i) {
@@ -245,12 +253,12 @@ void attend_q8(const typename P::T* q, const typename P::T* k, const typename P:
       __builtin_prefetch(Vsi + PREFETCH_AHEAD * Tmax, 1, 3);
     }
     const int64_t off = b * stride + hh * HD;
-    rotate(k + off, kr);
+    rotary.apply(k + off, kr);
     Ksi[j] = quantize(kr, HD, Ki + (j / LANES) * tile_bytes + j % LANES, LANES);
 #pragma omp simd
     for (int d = 0; d < HD; ++d) vr[d] = P::load(v[off + d]);
     Vsi[j] = quantize(vr, HD, Vi + j * HD, 1);
-    rotate(q + off, qr);
+    rotary.apply(q + off, qr);
     for (int64_t tt = 0; tt < tiles; ++tt) {  // 16 scores per tile: one FMA per dimension
       const int8_t* tile = Ki + tt * tile_bytes;
       v16 acc = {};
@@ -260,15 +268,7 @@ void attend_q8(const typename P::T* q, const typename P::T* k, const typename P:
       acc *= ks;
       std::memcpy(s + tt * LANES, &acc, sizeof(acc));
     }
-    float m = s[0];
-#pragma omp simd reduction(max : m)
-    for (int64_t jj = 0; jj < t; ++jj) m = s[jj] > m ? s[jj] : m;
-    float z = 0.f;
-#pragma omp simd reduction(+ : z)
-    for (int64_t jj = 0; jj < t; ++jj) {
-      s[jj] = exp_poly(s[jj] - m);
-      z += s[jj];
-    }
+    const float z = softmax_numerators(s, t);
 #pragma omp simd
     for (int64_t jj = 0; jj < t; ++jj) s[jj] *= Vsi[jj];  // the value's scale, folded into its weight
     v16 acc[NV] = {};
