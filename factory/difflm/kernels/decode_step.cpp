@@ -371,6 +371,14 @@ void check_rows(const torch::Tensor& x, const torch::Tensor& like, const char* w
   TORCH_CHECK(x.scalar_type() == like.scalar_type(), what, ": one dtype");
 }
 
+// The arguments every attention kernel shares: qkv [B, 3 h hd], cos and sin [hd], 1 <= t <= Tmax.
+void check_step(const torch::Tensor& qkv, const torch::Tensor& cos, const torch::Tensor& sin, int64_t B, int64_t h,
+                int64_t hd, int64_t Tmax, int64_t t, const char* what) {
+  TORCH_CHECK(qkv.size(0) == B && qkv.size(1) == 3 * h * hd, what, ": qkv shape");
+  TORCH_CHECK(cos.numel() == hd && sin.numel() == hd, what, ": cos, sin [head dim]");
+  TORCH_CHECK(t >= 1 && t <= Tmax && t <= MAX_T, what, ": t out of range");
+}
+
 }  // namespace
 
 // qkv [B, 3 h hd] (q, k, v before the rotary embedding; rows may be strided); cos, sin [hd] of the
@@ -387,9 +395,7 @@ torch::Tensor decode_attention(torch::Tensor qkv, torch::Tensor cos, torch::Tens
               "decode_attention: caches and tables of one dtype");
   const int64_t B = V.size(0), h = V.size(1), Tmax = V.size(2), hd = V.size(3);
   TORCH_CHECK(K.sizes() == V.sizes(), "decode_attention: K and V must have one shape");
-  TORCH_CHECK(qkv.size(0) == B && qkv.size(1) == 3 * h * hd, "decode_attention: qkv shape");
-  TORCH_CHECK(cos.numel() == hd && sin.numel() == hd, "decode_attention: cos, sin [head dim]");
-  TORCH_CHECK(t >= 1 && t <= Tmax && t <= MAX_T, "decode_attention: t out of range");
+  check_step(qkv, cos, sin, B, h, hd, Tmax, t, "decode_attention");
   auto out = torch::empty({B, h * hd}, qkv.options());
   typed(qkv, "decode_attention", [&](auto p) {
     using P = decltype(p);
@@ -420,9 +426,7 @@ torch::Tensor decode_attention_q8(torch::Tensor qkv, torch::Tensor cos, torch::T
                   Kq.size(3) == hd && Kq.size(4) == LANES && Ks.size(0) == B && Ks.size(1) == h &&
                   Ks.size(2) == Tmax && Vs.sizes() == Ks.sizes(),
               "decode_attention_q8: cache shapes");
-  TORCH_CHECK(qkv.size(0) == B && qkv.size(1) == 3 * h * hd, "decode_attention_q8: qkv shape");
-  TORCH_CHECK(cos.numel() == hd && sin.numel() == hd, "decode_attention_q8: cos, sin [head dim]");
-  TORCH_CHECK(t >= 1 && t <= Tmax && t <= MAX_T, "decode_attention_q8: t out of range");
+  check_step(qkv, cos, sin, B, h, hd, Tmax, t, "decode_attention_q8");
   auto out = torch::empty({B, h * hd}, qkv.options());
   typed(qkv, "decode_attention_q8", [&](auto p) {
     using P = decltype(p);
