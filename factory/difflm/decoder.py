@@ -337,7 +337,8 @@ class DecodeStep:
     transformers' forward over a StaticCache attends to every slot of the cache with a mask, copies
     the new keys through index_copy and builds masks and rotary tables each step: 43% of generation
     time in its SDPA at 56-token records (py-spy), more than all the matrix products. Here:
-    - one pre-allocated cache per run (`fused.KVCache`: int8 for bf16 on CPU, else the model dtype);
+    - one pre-allocated cache per run (`fused.KVCache`: int8 for bf16 with the fused kernels, else the
+      model dtype);
     - q, k, v in one matrix product, gate and up in one, rotary tables built once;
     - the work between the matrix products in three fused kernels (factory/difflm/fused.py):
       rotary + attention over the t cached positions only, residual add + RMSNorm, SiLU * up.
@@ -376,8 +377,12 @@ class DecodeStep:
 
     @property
     def kv_cache(self) -> str:
-        """int8 for bf16 on CPU (see fused.KVCache: 10x less error than bf16's own), else the model dtype."""
-        return "int8" if self.dtype == torch.bfloat16 and self.device.type == "cpu" else str(self.dtype).split(".")[1]
+        """int8 for bf16 with the fused kernels (see fused.KVCache: 10x less error than bf16's own), else the
+        model dtype. The aten fallback keeps the model dtype: dequantizing the cache at every step costs it more
+        than the bytes it saves (fused.decode_attention's int8 aten path is the kernel's test reference)."""
+        if self.dtype == torch.bfloat16 and self.attention == "fused" and self.device.type == "cpu":
+            return "int8"
+        return str(self.dtype).split(".")[1]
 
     def start(self, batch: int, length: int) -> "DecodeStep":
         self.cache = KVCache(len(self.layers), batch, self.heads, length, self.head_dim, self.dtype, self.device,

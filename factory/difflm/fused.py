@@ -141,7 +141,7 @@ def decode_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ca
         K, V = cache
         K[:, :, t - 1], V[:, :, t - 1] = k, v
         keys, values = K[:, :, :t], V[:, :, :t]
-    else:  # the int8 cache, the kernel's maths in aten ops: dequantized in float32
+    else:  # the int8 cache, the kernel's maths in aten ops (its test reference): dequantized in float32
         Kq, Ks, Vq, Vs = cache
         j = t - 1
         Kq[:, :, j // TILE, :, j % TILE], Ks[:, :, j] = _quantize(k)
