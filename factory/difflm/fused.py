@@ -1,4 +1,5 @@
-"""The decode step's fused kernels: attention over the few cached positions, residual + RMSNorm, SiLU * up.
+"""The decode step's fused kernels: attention over the few cached positions, residual + RMSNorm, SiLU * up,
+Gumbel-max sampling; and its KV cache.
 
 Four functions, each with two implementations of the same maths:
 - `decode_attention(qkv, cos, sin, cache, t, scale)`: the new position's q, k, v [B, 3 h hd], before
@@ -100,7 +101,6 @@ class KVCache:
 
     def __init__(self, layers: int, batch: int, heads: int, length: int, head_dim: int, dtype: torch.dtype,
                  device: torch.device, int8: bool):
-        self.int8 = int8
         if int8:
             T = -(-length // TILE) * TILE
             shape = (layers, batch, heads)

@@ -129,7 +129,7 @@ inline float softmax_numerators(float* s, int64_t t) {
   return z;
 }
 
-// Row b, head h: q, k, v at q + b * q_stride + h * HD (likewise k, v), before the rotary embedding.
+// Row b, head h: q, k, v at q + b * stride + h * HD (likewise k, v), before the rotary embedding.
 // Rotates q and k by the position's cos, sin [HD] as transformers does (q * cos + rotate_half(q) * sin,
 // each product and the sum rounded to the model dtype), writes the rotated k into K [BH, Tmax, HD]
 // and v into V [BH, Tmax, HD] at position t - 1, then attends over positions [0, t): it reads 2 t
@@ -137,8 +137,8 @@ inline float softmax_numerators(float* s, int64_t t) {
 // [HD, Tmax], touched a cache line per dimension whatever t: 1.5-3x slower at t <= 5, measured
 // 2026-12-02). out [BH, HD]. Scores, softmax and the sum in float32.
 template <typename P, int HD>
-void attend(const typename P::T* q, const typename P::T* k, const typename P::T* v, int64_t q_stride,
-            int64_t k_stride, int64_t v_stride, const typename P::T* cos, const typename P::T* sin,
+void attend(const typename P::T* q, const typename P::T* k, const typename P::T* v, int64_t stride,
+            const typename P::T* cos, const typename P::T* sin,
             typename P::T* K, typename P::T* V, typename P::T* out, int64_t B, int64_t heads, int64_t Tmax,
             int64_t t, float scale) {
   alignas(64) float s[MAX_T];
@@ -146,9 +146,10 @@ void attend(const typename P::T* q, const typename P::T* k, const typename P::T*
   const Rotary<P, HD> rotary(cos, sin);
   for (int64_t i = 0; i < B * heads; ++i) {
     const int64_t b = i / heads, hh = i % heads;
-    const typename P::T* qi = q + b * q_stride + hh * HD;
-    const typename P::T* ki = k + b * k_stride + hh * HD;
-    const typename P::T* vi = v + b * v_stride + hh * HD;
+    const int64_t at = b * stride + hh * HD;  // row b, head hh of q, k and v
+    const typename P::T* qi = q + at;
+    const typename P::T* ki = k + at;
+    const typename P::T* vi = v + at;
     typename P::T* Ki = K + i * Tmax * HD;
     typename P::T* Vi = V + i * Tmax * HD;
     if (i + PREFETCH_AHEAD < B * heads) {  // a later (row, head)'s cache rows [0, t): contiguous bytes
@@ -403,7 +404,7 @@ torch::Tensor decode_attention(torch::Tensor qkv, torch::Tensor cos, torch::Tens
     const int64_t H = h * hd, qs = qkv.stride(0);
     with_head_dim(hd, [&](auto hd_) {
       constexpr int HD = decltype(hd_)::value;
-      attend<P, HD>(q, q + H, q + 2 * H, qs, qs, qs, ptr<P>(cos), ptr<P>(sin), ptr<P>(K), ptr<P>(V), ptr<P>(out), B,
+      attend<P, HD>(q, q + H, q + 2 * H, qs, ptr<P>(cos), ptr<P>(sin), ptr<P>(K), ptr<P>(V), ptr<P>(out), B,
                     h, Tmax, t, static_cast<float>(scale));
     });
   });
