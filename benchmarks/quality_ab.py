@@ -59,6 +59,8 @@ def main():
     ap.add_argument("-n", type=int, default=10_000)
     ap.add_argument("--seeds", type=int, nargs="+", default=[7, 8, 9, 10, 11, 12])
     args = ap.parse_args()
+    if not (args.before / "factory" / "__init__.py").is_file():
+        ap.error(f"--before {args.before}: not a checkout of this project (no factory/__init__.py)")
     info = machine_info()
     before_commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=args.before, capture_output=True,
                                    text=True).stdout.strip()
