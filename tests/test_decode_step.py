@@ -1,4 +1,6 @@
 """The fast decode step (DecodeStep + its fused kernels) against transformers' own Llama forward."""
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -78,6 +80,10 @@ def _cache_layer(B, h, T, hd, dtype, int8):
 @pytest.mark.parametrize("int8", [False, True])
 def test_fused_attention_matches_its_aten_ops(int8):
     needs_compiler()
+    check_attention_kernels(int8)
+
+
+def check_attention_kernels(int8):
     torch.manual_seed(1)
     B, h, hd, T = 5, 3, 32, 20
     cos, sin = torch.randn(2, hd)
@@ -121,6 +127,10 @@ def test_the_int8_cache_attends_as_the_float_cache_within_its_rounding():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_norm_silu_and_sampling_match_their_aten_ops(dtype):
     needs_compiler()
+    check_norm_silu_sampling_kernels(dtype)
+
+
+def check_norm_silu_sampling_kernels(dtype):
     torch.manual_seed(2)
     B, H, inter = 64, 128, 48
     x = torch.randn(B, 2 * H).to(dtype)[:, :H]  # a strided view, like a prompt position
@@ -140,6 +150,31 @@ def test_fused_norm_silu_and_sampling_match_their_aten_ops(dtype):
     ids = fused.gumbel_argmax(logits, u.clone(), "fused")
     assert torch.equal(ids, fused.gumbel_argmax(logits, u.clone(), "sdpa"))
     assert torch.isfinite(logits.gather(1, ids[:, None])).all()  # never a masked token
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("march", fused.PORTABLE)
+def test_builds_for_older_cpus_match_the_aten_ops_too(march, tmp_path, monkeypatch, capsys):
+    """-march=native on this machine compiles the kernels' AVX-512 paths only; a CPU without AVX-512
+    runs their AVX2 or plain C++ paths. Built for those targets (in a fresh cache: the first build
+    says so, once), every kernel must match its aten ops as the native build does."""
+    import platform
+
+    needs_compiler()
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("the portable targets are x86 ones")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    kernel = fused._fused_module(march)
+    assert kernel is not fused._fused_module() and f"-march={march}" in (Path(kernel.__file__).parent /
+                                                                          "build.ninja").read_text()
+    assert capsys.readouterr().err.count("compiling the decode kernels") == 1
+    fused._notice_build(Path(kernel.__file__).parent)  # a second process of the run stays quiet
+    assert "compiling" not in capsys.readouterr().err
+    monkeypatch.setattr(fused, "_fused_module", lambda: kernel)
+    for int8 in (False, True):
+        check_attention_kernels(int8)
+    for dtype in (torch.float32, torch.bfloat16):
+        check_norm_silu_sampling_kernels(dtype)
 
 
 def test_fast_generate_samples_the_same_ids_as_transformers_in_float32(tok, finance):

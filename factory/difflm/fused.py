@@ -47,12 +47,32 @@ def _cpu_signature() -> str:
         return platform.processor()
 
 
+# Older x86 targets the source must also build for (tests/test_decode_step.py builds them and checks each
+# kernel against its aten ops): -march=native here compiles only the AVX-512 paths.
+PORTABLE = ("x86-64-v3", "x86-64")  # AVX2; SSE2 only (the plain C++ paths)
+
+
+def _notice_build(build: Path) -> None:
+    """One line on stderr when this machine first compiles the kernels (~25 s), from one process of a run."""
+    try:
+        os.close(os.open(build / ".build-notice", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except OSError:  # another process of this run said it already, or the folder is read-only
+        return
+    print(f"note: compiling the decode kernels for this CPU (once per machine, ~25 s; cached in {build})",
+          file=sys.stderr, flush=True)
+
+
 @lru_cache(maxsize=None)
-def _fused_module():
+def _fused_module(march: str | None = None):
+    """The kernels built for this CPU (-march=native), or for `march`, one of PORTABLE (tests only)."""
     from torch.utils.cpp_extension import _get_build_directory, load
 
+    if march is not None and march not in PORTABLE:
+        raise ValueError(f"march must be one of {', '.join(PORTABLE)}, got {march!r}")
+    flags = FLAGS if march is None else ["-O3", "-ffast-math", "-fopenmp-simd", f"-march={march}"]
     source = SOURCE.read_text()
-    key = hashlib.sha256((source + " ".join(FLAGS) + _cpu_signature() + torch.__version__).encode())
+    cpu = _cpu_signature() if march is None else ""
+    key = hashlib.sha256((source + " ".join(flags) + cpu + torch.__version__).encode())
     name = f"factory_decode_step_{key.hexdigest()[:12]}"
     # Build from a copy inside the build folder: torch's ninja file names the source by its absolute
     # path, so two checkouts (a benchmark's older commit, a CI clone) loading the same kernel from
@@ -63,7 +83,9 @@ def _fused_module():
         tmp = build / f".{SOURCE.name}.{os.getpid()}"
         tmp.write_text(source)
         os.replace(tmp, copy)  # atomic: a process building at the same time reads one whole file
-    return load(name=name, sources=[str(copy)], extra_cflags=FLAGS, build_directory=str(build), verbose=False)
+    if not (build / f"{name}.so").is_file():
+        _notice_build(build)
+    return load(name=name, sources=[str(copy)], extra_cflags=flags, build_directory=str(build), verbose=False)
 
 
 @lru_cache(maxsize=None)
