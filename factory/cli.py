@@ -196,7 +196,7 @@ def generate(
     resume: Optional[str] = typer.Option(None, "--resume", help="continue an interrupted run (its settings are reused)"),
     shards: Optional[int] = typer.Option(None, "--shards", help="split the run into this many shards, each with "
                                          "its own seeds; same seed and shards give the same records on any engine "
-                                         "(default: 1 with --engine local, 4 per worker with --engine ray)"),
+                                         "(default: local 8 from 10,000 records, else 1; ray 4 per worker)"),
     engine: str = typer.Option("local", "--engine", metavar=f"[{'|'.join(ENGINES)}]", help="local: this process; ray: a Ray cluster (pip install "
                                "'factory\\[ray]')"),
     address: Optional[str] = typer.Option(None, "--address", help="ray: an existing cluster (e.g. ray://head:10001 "

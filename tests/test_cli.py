@@ -203,3 +203,17 @@ def test_help_keeps_bracketed_install_hint():
     r = CliRunner().invoke(app, ["generate", "--help"], env={"COLUMNS": "200"})
     assert r.exit_code == 0, r.output
     assert "factory[ray]" in r.output
+
+
+def test_help_states_the_default_shards_and_workers_the_code_uses():
+    import re
+
+    from factory.api import LOCAL_SHARDS, LOCAL_SHARDS_FROM, default_shards, default_workers
+
+    r = CliRunner().invoke(app, ["generate", "--help"], env={"COLUMNS": "400"})
+    assert r.exit_code == 0, r.output
+    text = re.sub(r"[\s│]+", " ", r.output)  # the help wraps inside a box
+    assert f"(default: local {LOCAL_SHARDS} from {LOCAL_SHARDS_FROM:,} records, else 1; ray 4 per worker)" in text
+    assert default_shards(LOCAL_SHARDS_FROM) == LOCAL_SHARDS and default_shards(LOCAL_SHARDS_FROM - 1) == 1
+    assert default_shards(100, "ray", 3) == 12
+    assert "(default: local min(2, CPUs), ray 2)" in text and default_workers() == min(2, os.cpu_count())
