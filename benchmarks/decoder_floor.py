@@ -16,6 +16,9 @@ layers, L = all .. 0. Their records are not valid and are not looked at: only ti
    export, start-up) is its CPU per record minus step 1's for the shipped decoder.
 3. 100,000 records with L layers: that run's wall time minus what the smaller decoder saves on each
    of the 2 workers, (decode(shipped) - decode(L)) x 100,000 / 2.
+4. The attention kernel alone, in process: every position of a record, over the shipped decoder's
+   KV cache at its decode batch, and the bytes of cache it reads; against what this core streams
+   (a float32 sum over 256 MB): how close the decode loop's largest part sits to the memory bound.
 MOSTLY AI's time is the same-machine `sample(100000)` of the committed generate benchmark of this CPU
 kind (reports/benchmarks/generate_<domain>_100000_<kind>.json), or --mostly-s.
 Writes reports/benchmarks/decoder_floor_<domain>_<kind>.{json,md}.
@@ -36,6 +39,7 @@ import torch  # noqa: E402
 
 from benchmarks.generate import run_cli  # noqa: E402
 from benchmarks.machine import cpu_vendor, header, machine_info  # noqa: E402
+from factory.difflm import fused  # noqa: E402
 from factory.difflm.decoder import DecoderConfig, DomainDecoder  # noqa: E402
 from factory.domain import load_domain  # noqa: E402
 from factory.generators import load_generator  # noqa: E402
@@ -60,6 +64,45 @@ def per_record_ms(fn, n: int) -> float:
     t = time.perf_counter()
     fn()
     return (time.perf_counter() - t) / n * 1e3
+
+
+def stream_gbs() -> float:
+    """GB/s this core reads streaming: a float32 sum over 256 MB (best of 3)."""
+    x = torch.ones(64 * 2**20)
+    x.sum()
+    best = min(per_record_ms(x.sum, 1) for _ in range(3)) / 1e3
+    return x.numel() * 4 / best / 1e9
+
+
+def attention_read(gen, batch: int) -> dict:
+    """The attention kernel over every position of a record, all layers, at `batch` rows: time per record
+    and the cache bytes it reads (keys, values and their scales for positions [0, t) of each row and head)."""
+    step = gen.dec.decode_step()
+    k, length = gen.dec.cfg.prompt_len, gen.tok.length
+    T = k + 1 + length
+    step.start(batch, T)
+    h, H = step.heads, step.heads * step.head_dim
+    qkv = torch.randn(batch, 3 * H).to(step.dtype)
+    for layer in range(len(step.layers)):  # a full cache, as a record's last step sees it
+        for t in range(1, T + 1):
+            fused.decode_attention(qkv, step.cos[t - 1], step.sin[t - 1], step.cache.layer(layer), t, step.scale,
+                                   step.attention)
+    x = step.cache.tensors  # float: K, V [L, B, h, T, hd]; int8: keys, scales [L, B, h, T], values, scales
+    allocated = x[1].shape[-1] if step.kv_cache == "int8" else x[0].shape[-2]
+    per_key = sum(c.element_size() * c[0, 0, 0].numel() for c in x) / allocated  # bytes per position, row, head
+    secs = []
+    for _ in range(2):
+        t0 = time.perf_counter()
+        for layer in range(len(step.layers)):
+            for t in range(1, T + 1):
+                fused.decode_attention(qkv, step.cos[t - 1], step.sin[t - 1], step.cache.layer(layer), t,
+                                       step.scale, step.attention)
+        secs.append(time.perf_counter() - t0)
+    read = batch * h * per_key * sum(range(1, T + 1)) * len(step.layers)
+    best = min(secs)
+    return {"batch": batch, "kv_cache": step.kv_cache, "attention": step.attention,
+            "ms_per_record": round(best / batch * 1e3, 3), "bytes_per_record": round(read / batch),
+            "gbs": round(read / best / 1e9, 1)}
 
 
 def main():
@@ -98,6 +141,9 @@ def main():
             latents.append(per_record_ms(lambda: gen.sample_latents(2000, g), 2000))
     gen.dec = shipped
     decode = {L: round(min(v), 3) for L, v in decode.items()}
+    with torch.no_grad():
+        attn = attention_read(gen, gen.batch_size)
+    stream = round(stream_gbs(), 1)
     latent_ms = round(min(latents), 3)
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -113,7 +159,8 @@ def main():
         a["per_layer_ms"] = round(a["decode_ms_per_record"] - b["decode_ms_per_record"], 3)
     result = {"machine": info, "kind": kind, "domain": args.domain, "n": args.n, "e2e": e2e,
               "e2e_cpu_ms_per_record": e2e_ms, "rest_ms_per_record": rest, "latents_ms_per_record": latent_ms,
-              "mostly_sample_s": mostly, "mostly_from": mostly_from, "rows": rows}
+              "mostly_sample_s": mostly, "mostly_from": mostly_from, "rows": rows, "attention": attn,
+              "stream_gbs": stream}
     stem = f"decoder_floor_{args.domain}_{kind}"
     REPORTS.mkdir(parents=True, exist_ok=True)
     (REPORTS / f"{stem}.json").write_text(json.dumps(result, indent=1))
@@ -133,6 +180,10 @@ def main():
            f"{e2e['cpu_s']} CPU s ({e2e_ms} ms/record); the rest of the pipeline (parse, rules, privacy, store, gate, "
            f"export, start-up) is **{rest} ms/record** of CPU. Gate: {e2e['gate']}.\n"
            f"- MOSTLY AI `sample(100000)`: {mostly} s, from {mostly_from}. 2x that is {2 * mostly:.1f} s.\n"
+           f"- The attention kernel alone ({attn['attention']}, {attn['kv_cache']} cache, {attn['batch']:,} rows, "
+           f"every position of a record, all layers): {attn['ms_per_record']} ms/record, reading "
+           f"{attn['bytes_per_record'] / 2**20:.2f} MiB of cache per record: **{attn['gbs']} GB/s**, against "
+           f"{stream} GB/s for a float32 sum over 256 MB on this core.\n"
            f"- Projection: the main command's wall time minus (decode(shipped) - decode(L)) x 100,000 / 2 workers. "
            f"With no decoder layer at all the pipeline "
            f"would take {floor['projected_100k_wall_s']} s ({floor['x_mostly']}x).\n")

